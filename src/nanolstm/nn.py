@@ -1,0 +1,359 @@
+"""Layers as thin modules over `nanolstm.functional`: parameters, their gradients and the last cache.
+
+Parameters are named and shaped as PyTorch names them, so `state_dict()` of a PyTorch layer (as NumPy
+arrays) loads here unchanged and back. Each module computes in its own dtype (float32 unless asked),
+and every output, state and gradient keeps it.
+
+Shapes: T time, N batch, D input, H hidden, L layers, V vocabulary, E embedding size.
+"""
+
+import math
+
+import numpy as np
+
+from nanolstm import functional as F
+
+
+class Module:
+    """What every layer has: named parameters with gradients, sub-modules, a train/eval switch.
+
+    `params` and `grads` hold this module's own arrays; `state_dict()` and `named_grads()` gather
+    those of its sub-modules too, under "child.name" as in PyTorch.
+    """
+
+    def __init__(self, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
+        if self.dtype.kind != "f":
+            raise ValueError(f"dtype must be a floating type, got {self.dtype}")
+        self.params = {}
+        self.grads = {}
+        self.children = {}
+        self.training = True
+
+    def add_param(self, name, value):
+        self.params[name] = np.ascontiguousarray(value, dtype=self.dtype)
+        self.grads[name] = np.zeros_like(self.params[name])
+
+    def state_dict(self):
+        """Every parameter by its PyTorch name. The arrays are the live ones, not copies."""
+        out = dict(self.params)
+        for cname, child in self.children.items():
+            out.update({f"{cname}.{k}": v for k, v in child.state_dict().items()})
+        return out
+
+    def named_grads(self):
+        """The gradient of every parameter, under the names of state_dict()."""
+        out = dict(self.grads)
+        for cname, child in self.children.items():
+            out.update({f"{cname}.{k}": v for k, v in child.named_grads().items()})
+        return out
+
+    def load_state_dict(self, state):
+        """Copy arrays in by name. Missing or unexpected names, or a wrong shape: ValueError naming them."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not fit: missing {missing}, unexpected {unexpected}")
+        wrong = [f"{k} {np.shape(state[k])} (expected {own[k].shape})"
+                 for k in own if np.shape(state[k]) != own[k].shape]
+        if wrong:
+            raise ValueError("state_dict shapes do not fit: " + ", ".join(wrong))
+        for k, v in own.items():
+            np.copyto(v, np.asarray(state[k]), casting="unsafe")
+
+    def zero_grad(self):
+        for g in self.named_grads().values():
+            g.fill(0)
+
+    def train(self, mode=True):
+        self.training = mode
+        for child in self.children.values():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def num_parameters(self):
+        return sum(p.size for p in self.state_dict().values())
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent layers: LSTM, GRU and RNN share everything but one layer's forward and backward.
+
+
+class _Recurrent(Module):
+    gates = 1  # G: gate blocks per unit
+
+    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
+                 dtype=np.float32, rng=None):
+        super().__init__(dtype)
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
+                        ("num_layers", num_layers)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be between 0 and 1, got {dropout!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.dropout, self.batch_first = float(dropout), bool(batch_first)
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.reset_parameters()
+        self._cache = None
+
+    def reset_parameters(self):
+        """Uniform in +-1/sqrt(H) for every weight and bias, as PyTorch does."""
+        H, G = self.hidden_size, self.gates
+        k = 1 / math.sqrt(H)
+        for layer in range(self.num_layers):
+            D = self.input_size if layer == 0 else H
+            for name, shape in ((f"weight_ih_l{layer}", (G * H, D)), (f"weight_hh_l{layer}", (G * H, H)),
+                                (f"bias_ih_l{layer}", (G * H,)), (f"bias_hh_l{layer}", (G * H,))):
+                self.add_param(name, self.rng.uniform(-k, k, shape))
+
+    def layer_params(self, layer):
+        p = self.params
+        return (p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"],
+                p[f"bias_ih_l{layer}"], p[f"bias_hh_l{layer}"])
+
+    # The state is a tuple of (L, N, H) arrays: (h, c) for the LSTM, (h,) for the others.
+    def _state_in(self, state):
+        return state if isinstance(state, tuple) else (state,)
+
+    def _state_out(self, parts):
+        return parts[0]
+
+    def forward(self, x, state=None):
+        """x (T, N, D), or (N, T, D) with batch_first; state as described by the subclass, or None
+        for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form."""
+        x = np.asarray(x, dtype=self.dtype)
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"expected input of shape (T, N, {self.input_size}), got {x.shape}")
+        if self.batch_first:
+            x = x.transpose(1, 0, 2)
+        x = np.ascontiguousarray(x)
+        L, N, H = self.num_layers, x.shape[1], self.hidden_size
+        n_parts = 2 if self.gates == 4 else 1
+        if state is None:
+            state = tuple(np.zeros((L, N, H), self.dtype) for _ in range(n_parts))
+        else:
+            state = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
+            if len(state) != n_parts or any(s.shape != (L, N, H) for s in state):
+                raise ValueError(f"expected a state of {n_parts} array(s) of shape {(L, N, H)}")
+        finals = [np.empty((L, N, H), self.dtype) for _ in range(n_parts)]
+        caches, masks = [], []
+        for layer in range(L):
+            mask = None
+            if layer > 0 and self.training and self.dropout > 0:
+                mask = F.dropout_mask(x.shape, self.dropout, self.rng, self.dtype)
+                x = x * mask
+            x, last, cache = self._layer_forward(x, tuple(s[layer] for s in state), layer)
+            for f, s in zip(finals, last):
+                f[layer] = s
+            caches.append(cache)
+            masks.append(mask)
+        self._cache = (caches, masks)
+        out = x.transpose(1, 0, 2) if self.batch_first else x
+        return out, self._state_out(tuple(finals))
+
+    def backward(self, dout, dstate_n=None):
+        """dout like out, dstate_n like the final state (or None for zeros) -> dx like x, and the
+        gradient of the initial state like the state. Parameter gradients add up in .grads."""
+        if self._cache is None:
+            raise RuntimeError("backward called before forward")
+        caches, masks = self._cache
+        dout = np.asarray(dout, dtype=self.dtype)
+        if self.batch_first:
+            dout = dout.transpose(1, 0, 2)
+        dx = np.ascontiguousarray(dout)
+        L, N, H = self.num_layers, dx.shape[1], self.hidden_size
+        n_parts = 2 if self.gates == 4 else 1
+        if dstate_n is None:
+            dstate_n = tuple(np.zeros((L, N, H), self.dtype) for _ in range(n_parts))
+        else:
+            dstate_n = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(dstate_n))
+        dstate_0 = [np.empty((L, N, H), self.dtype) for _ in range(n_parts)]
+        for layer in reversed(range(L)):
+            dx, d0, dparams = self._layer_backward(dx, tuple(s[layer] for s in dstate_n), caches[layer])
+            for d, s in zip(dstate_0, d0):
+                d[layer] = s
+            for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), dparams):
+                self.grads[f"{name}_l{layer}"] += g
+            if masks[layer] is not None:
+                dx *= masks[layer]
+        if self.batch_first:
+            dx = dx.transpose(1, 0, 2)
+        return dx, self._state_out(tuple(dstate_0))
+
+    def extra_repr(self):
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}, dtype={self.dtype}")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class LSTM(_Recurrent):
+    """Long short-term memory, as torch.nn.LSTM: gates i, f, g, o; the state is (h0, c0)."""
+
+    gates = 4
+
+    def _state_in(self, state):
+        return tuple(state)
+
+    def _state_out(self, parts):
+        return parts
+
+    def _layer_forward(self, x, state, layer):
+        out, h, c, cache = F.lstm_forward(x, *state, *self.layer_params(layer))
+        return out, (h, c), cache
+
+    def _layer_backward(self, dout, dstate, cache):
+        dx, dh0, dc0, dparams = F.lstm_backward(dout, *dstate, cache)
+        return dx, (dh0, dc0), dparams
+
+
+class GRU(_Recurrent):
+    """Gated recurrent unit, as torch.nn.GRU: gates r, z, n; the state is h0."""
+
+    gates = 3
+
+    def _layer_forward(self, x, state, layer):
+        out, h, cache = F.gru_forward(x, state[0], *self.layer_params(layer))
+        return out, (h,), cache
+
+    def _layer_backward(self, dout, dstate, cache):
+        dx, dh0, dparams = F.gru_backward(dout, dstate[0], cache)
+        return dx, (dh0,), dparams
+
+
+class RNN(_Recurrent):
+    """Elman RNN with tanh or relu, as torch.nn.RNN; the state is h0."""
+
+    gates = 1
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", dropout=0.0,
+                 batch_first=False, dtype=np.float32, rng=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng)
+
+    def _layer_forward(self, x, state, layer):
+        out, h, cache = F.rnn_forward(x, state[0], *self.layer_params(layer), self.nonlinearity)
+        return out, (h,), cache
+
+    def _layer_backward(self, dout, dstate, cache):
+        dx, dh0, dparams = F.rnn_backward(dout, dstate[0], cache)
+        return dx, (dh0,), dparams
+
+    def extra_repr(self):
+        return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding, Linear, Dropout, CrossEntropyLoss.
+
+
+class Embedding(Module):
+    """A table of V vectors of size E, looked up by integer index; weight (V, E) ~ N(0, 1)."""
+
+    def __init__(self, num_embeddings, embedding_dim, dtype=np.float32, rng=None):
+        super().__init__(dtype)
+        rng = rng if rng is not None else np.random.default_rng()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.add_param("weight", rng.standard_normal((num_embeddings, embedding_dim)))
+        self._cache = None
+
+    def forward(self, idx):
+        """idx: integers of any shape S, each in [0, V) -> out (*S, E)."""
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu":
+            raise ValueError(f"Embedding takes integer indices, got {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_embeddings):
+            raise ValueError(f"index out of range [0, {self.num_embeddings})")
+        out, self._cache = F.embedding_forward(idx, self.params["weight"])
+        return out
+
+    def backward(self, dout):
+        self.grads["weight"] += F.embedding_backward(np.asarray(dout, self.dtype), self._cache)
+
+
+class Linear(Module):
+    """out = x W^T + b; weight (O, I) and bias (O,) uniform in +-1/sqrt(I) as in PyTorch."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__(dtype)
+        rng = rng if rng is not None else np.random.default_rng()
+        self.in_features, self.out_features = in_features, out_features
+        k = 1 / math.sqrt(in_features)
+        self.add_param("weight", rng.uniform(-k, k, (out_features, in_features)))
+        if bias:
+            self.add_param("bias", rng.uniform(-k, k, (out_features,)))
+        self._cache = None
+
+    def forward(self, x):
+        """x (..., I) -> out (..., O)."""
+        out, self._cache = F.linear_forward(np.asarray(x, self.dtype), self.params["weight"],
+                                            self.params.get("bias"))
+        return out
+
+    def backward(self, dout):
+        """dout (..., O) -> dx (..., I); the weight and bias gradients add up in .grads."""
+        dx, dweight, dbias = F.linear_backward(np.asarray(dout, self.dtype), self._cache)
+        self.grads["weight"] += dweight
+        if dbias is not None:
+            self.grads["bias"] += dbias
+        return dx
+
+
+class Dropout(Module):
+    """Inverted dropout with probability p, active only in train() mode."""
+
+    def __init__(self, p=0.5, rng=None):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"dropout probability must be between 0 and 1, got {p!r}")
+        self.p = p
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self._mask = None
+
+    def forward(self, x):
+        x = np.asarray(x)
+        if not self.training or self.p == 0:
+            self._mask = None
+            return x
+        self._mask = F.dropout_mask(x.shape, self.p, self.rng, x.dtype)
+        return x * self._mask
+
+    def backward(self, dout):
+        return dout if self._mask is None else dout * self._mask
+
+
+class CrossEntropyLoss(Module):
+    """Mean cross-entropy of logits (..., V) against integer targets (...), ignoring ignore_index."""
+
+    def __init__(self, ignore_index=None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self._cache = None
+
+    def forward(self, logits, targets):
+        logits = np.asarray(logits)
+        if logits.dtype.kind != "f":
+            logits = logits.astype(np.float64)
+        targets = np.asarray(targets)
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"targets of shape {targets.shape} do not fit logits of shape {logits.shape}")
+        kept = targets if self.ignore_index is None else targets[targets != self.ignore_index]
+        if kept.size and (kept.min() < 0 or kept.max() >= logits.shape[-1]):
+            raise ValueError(f"targets must lie in [0, {logits.shape[-1]}) or equal ignore_index")
+        loss, self._cache = F.cross_entropy_forward(logits, targets, self.ignore_index)
+        return loss[()]
+
+    def backward(self, dloss=1.0):
+        """-> dlogits of the logits' shape (the gradient of dloss * loss)."""
+        return F.cross_entropy_backward(self._cache, dloss)

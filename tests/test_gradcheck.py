@@ -1,0 +1,103 @@
+"""Numerical gradient checks in float64 for every layer and the loss.
+
+Every parameter is random (biases included), sequences have at least 3 steps, and gradient flows in
+through both the output and the final state; the initial state's gradient is checked too.
+"""
+
+import numpy as np
+import pytest
+
+import nanolstm as nl
+from nanolstm.gradcheck import check_gradients, numerical_gradient, rel_error
+
+TOL = 1e-6
+
+
+def make_layer(kind, D, H, L, dropout, seed):
+    extra = {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
+    cls = getattr(nl, kind.split("-")[0])
+    return cls(D, H, num_layers=L, dropout=dropout, dtype=np.float64, rng=np.random.default_rng(seed), **extra)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
+@pytest.mark.parametrize("L,dropout", [(1, 0.0), (2, 0.0), (3, 0.4)])
+def test_recurrent_gradients(kind, L, dropout):
+    rng = np.random.default_rng(L)
+    T, N, D, H = 4, 3, 5, 4
+    layer = make_layer(kind, D, H, L, dropout, seed=7)
+    x = rng.standard_normal((T, N, D))
+    n_parts = 2 if kind == "LSTM" else 1
+    state = tuple(rng.standard_normal((L, N, H)) for _ in range(n_parts))
+    dout = rng.standard_normal((T, N, H))
+    dfinal = tuple(rng.standard_normal((L, N, H)) for _ in range(n_parts))
+    pack = (lambda parts: parts) if kind == "LSTM" else (lambda parts: parts[0])
+
+    def loss():
+        layer.rng = np.random.default_rng(123)  # the same dropout mask at every call
+        out, final = layer.forward(x, pack(state))
+        finals = final if kind == "LSTM" else (final,)
+        return np.sum(out * dout) + sum(np.sum(f * d) for f, d in zip(finals, dfinal))
+
+    loss()
+    layer.zero_grad()
+    dx, dstate0 = layer.backward(dout, pack(dfinal))
+    dstate0 = dstate0 if kind == "LSTM" else (dstate0,)
+
+    arrays = {"x": x, **{f"state{i}": s for i, s in enumerate(state)}, **layer.params}
+    grads = {"x": dx, **{f"state{i}": d for i, d in enumerate(dstate0)}, **layer.grads}
+    for name, err in check_gradients(loss, arrays, grads).items():
+        assert err < TOL, f"{kind} {name}: relative error {err:.2e}"
+
+
+def test_linear_embedding_and_loss_gradients():
+    """A small model: embedding -> linear -> cross-entropy with an ignored position."""
+    rng = np.random.default_rng(3)
+    emb = nl.Embedding(6, 4, dtype=np.float64)
+    lin = nl.Linear(4, 6, dtype=np.float64)
+    crit = nl.CrossEntropyLoss(ignore_index=0)
+    idx = np.array([[1, 2, 2], [5, 1, 0]])  # a repeated index and an ignored target
+    targets = np.array([[2, 0, 3], [4, 4, 1]])
+
+    def loss():
+        return crit.forward(lin.forward(emb.forward(idx)), targets)
+
+    loss()
+    emb.backward(lin.backward(crit.backward()))
+    arrays = {"emb": emb.params["weight"], "w": lin.params["weight"], "b": lin.params["bias"]}
+    grads = {"emb": emb.grads["weight"], "w": lin.grads["weight"], "b": lin.grads["bias"]}
+    for name, err in check_gradients(loss, arrays, grads).items():
+        assert err < TOL, f"{name}: relative error {err:.2e}"
+    logits = rng.standard_normal((2, 3, 6))
+    crit.forward(logits, targets)
+    dlogits = crit.backward()
+    assert rel_error(dlogits, numerical_gradient(lambda: crit.forward(logits, targets), logits)) < TOL
+
+
+def test_gradcheck_catches_a_wrong_gradient():
+    """The checker itself must fail on a wrong gradient, or every check above proves nothing."""
+    x = np.random.default_rng(0).standard_normal(5)
+    assert rel_error(2 * x, numerical_gradient(lambda: np.sum(x**2), x)) < TOL
+    assert rel_error(3 * x, numerical_gradient(lambda: np.sum(x**2), x)) > 0.1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activations_stable_at_extremes(dtype):
+    from nanolstm import functional as F
+    x = np.array([-1e4, -100, -1, 0, 1, 100, 1e4], dtype)
+    s = F.sigmoid(x)
+    assert s.dtype == dtype and np.all(np.isfinite(s))
+    assert s[0] == 0 and s[-1] == 1 and s[3] == 0.5
+    p = F.softmax(np.array([[1e4, -1e4, 0]], dtype))
+    assert np.all(np.isfinite(p)) and p[0, 0] == 1
+    loss, _ = F.cross_entropy_forward(np.array([[1e4, -1e4, 0]], dtype), np.array([1]))
+    assert np.isfinite(loss) and loss == pytest.approx(2e4, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_huge_inputs_stay_finite_and_float32(kind):
+    layer = getattr(nl, kind)(3, 4, num_layers=2)
+    x = np.full((3, 2, 3), 1e4, np.float64)  # float64 in: the layer computes in its float32
+    out, _ = layer.forward(x)
+    dx, _ = layer.backward(np.ones_like(out))
+    assert out.dtype == np.float32 and dx.dtype == np.float32
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(dx))

@@ -1,0 +1,132 @@
+"""Parity with PyTorch: every layer's outputs and every gradient, through the "fake loss" sum(out * dout)."""
+
+import numpy as np
+import pytest
+
+import nanolstm as nl
+from nanolstm.gradcheck import rel_error
+
+torch = pytest.importorskip("torch", reason="parity tests need PyTorch (pip install torch==2.13.0)")
+
+TOL = {np.float64: 1e-10, np.float32: 1e-4}
+TORCH_DTYPE = {np.float64: torch.float64, np.float32: torch.float32}
+
+
+def to_torch_state(ours, kind):
+    return tuple(torch.tensor(s, requires_grad=True) for s in ours) if kind == "LSTM" \
+        else torch.tensor(ours, requires_grad=True)
+
+
+def random_case(rng, kind):
+    """Random sizes; an RNN draws its nonlinearity too."""
+    return dict(T=int(rng.integers(1, 7)), N=int(rng.integers(1, 5)), D=int(rng.integers(1, 9)),
+                H=int(rng.integers(1, 9)), L=int(rng.integers(1, 4)),
+                batch_first=bool(rng.integers(2)), with_state=bool(rng.integers(2)),
+                nonlinearity=("tanh", "relu")[int(rng.integers(2))] if kind == "RNN" else None)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("seed", range(12))
+def test_recurrent_matches_torch(kind, dtype, seed):
+    rng = np.random.default_rng(seed)
+    c = random_case(rng, kind)
+    T, N, D, H, L = c["T"], c["N"], c["D"], c["H"], c["L"]
+    extra = {"nonlinearity": c["nonlinearity"]} if kind == "RNN" else {}
+    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=c["batch_first"], dtype=dtype, **extra)
+    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=c["batch_first"], **extra)
+    theirs = theirs.to(TORCH_DTYPE[dtype])
+    # PyTorch's weights into ours, so both start equal and biases are random and non-zero
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+
+    xshape = (N, T, D) if c["batch_first"] else (T, N, D)
+    x = rng.standard_normal(xshape).astype(dtype)
+    n_parts = 2 if kind == "LSTM" else 1
+    state = tuple(rng.standard_normal((L, N, H)).astype(dtype) for _ in range(n_parts))
+    ours_state = (state if kind == "LSTM" else state[0]) if c["with_state"] else None
+    out, final = ours.forward(x, ours_state)
+
+    xt = torch.tensor(x, requires_grad=True)
+    tstate = to_torch_state(state if kind == "LSTM" else state[0], kind) if c["with_state"] else None
+    out_t, final_t = theirs(xt, tstate)
+
+    # upstream gradients for out and for the final state, so both paths into backward are checked
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dfinal = tuple(rng.standard_normal((L, N, H)).astype(dtype) for _ in range(n_parts))
+    finals_t = final_t if kind == "LSTM" else (final_t,)
+    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
+    fake.backward()
+    dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert rel_error(out, out_t.detach().numpy()) < tol
+    finals = final if kind == "LSTM" else (final,)
+    for a, b in zip(finals, finals_t):
+        assert a.dtype == dtype
+        assert rel_error(a, b.detach().numpy()) < tol
+    assert rel_error(dx, xt.grad.numpy()) < tol
+    for name, p in theirs.named_parameters():
+        assert ours.grads[name].dtype == dtype
+        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
+    if c["with_state"]:
+        d0 = dstate0 if kind == "LSTM" else (dstate0,)
+        t0 = tstate if kind == "LSTM" else (tstate,)
+        for a, b in zip(d0, t0):
+            assert rel_error(a, b.grad.numpy()) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_embedding_matches_torch(dtype):
+    rng = np.random.default_rng(0)
+    V, E = 7, 5
+    ours = nl.Embedding(V, E, dtype=dtype)
+    theirs = torch.nn.Embedding(V, E).to(TORCH_DTYPE[dtype])
+    ours.load_state_dict({"weight": theirs.weight.detach().numpy()})
+    idx = rng.integers(0, V, (6, 4))
+    idx[0, :] = 3  # repeated indices must add up
+    out = ours.forward(idx)
+    out_t = theirs(torch.tensor(idx))
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    (out_t * torch.tensor(dout)).sum().backward()
+    ours.backward(dout)
+    assert rel_error(out, out_t.detach().numpy()) < TOL[dtype]
+    assert rel_error(ours.grads["weight"], theirs.weight.grad.numpy()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_torch(dtype, bias):
+    rng = np.random.default_rng(1)
+    ours = nl.Linear(6, 4, bias=bias, dtype=dtype)
+    theirs = torch.nn.Linear(6, 4, bias=bias).to(TORCH_DTYPE[dtype])
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    x = rng.standard_normal((3, 5, 6)).astype(dtype)
+    xt = torch.tensor(x, requires_grad=True)
+    out, out_t = ours.forward(x), theirs(xt)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    (out_t * torch.tensor(dout)).sum().backward()
+    dx = ours.backward(dout)
+    tol = TOL[dtype]
+    assert rel_error(out, out_t.detach().numpy()) < tol
+    assert rel_error(dx, xt.grad.numpy()) < tol
+    for name, p in theirs.named_parameters():
+        assert rel_error(ours.grads[name], p.grad.numpy()) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ignore_index", [None, 2])
+def test_cross_entropy_matches_torch(dtype, ignore_index):
+    rng = np.random.default_rng(2)
+    logits = (3 * rng.standard_normal((5, 4, 9))).astype(dtype)
+    targets = rng.integers(0, 9, (5, 4))
+    targets[0, :] = 2
+    ours = nl.CrossEntropyLoss(ignore_index=ignore_index)
+    loss = ours.forward(logits, targets)
+    lt = torch.tensor(logits, requires_grad=True)
+    kwargs = {} if ignore_index is None else {"ignore_index": ignore_index}
+    loss_t = torch.nn.functional.cross_entropy(lt.reshape(-1, 9), torch.tensor(targets).reshape(-1), **kwargs)
+    loss_t.backward()
+    assert np.asarray(loss).dtype == dtype
+    assert rel_error(loss, loss_t.item()) < TOL[dtype]
+    assert rel_error(ours.backward(), lt.grad.numpy()) < TOL[dtype]
