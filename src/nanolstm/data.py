@@ -19,6 +19,7 @@ from .errors import DataError
 
 __all__ = [
     "read_corpus",
+    "default_corpus",
     "tokenize_words",
     "detokenize_words",
     "Vocab",
@@ -66,6 +67,16 @@ def read_corpus(path):
     return text
 
 
+def default_corpus():
+    """The text of Python's own help topics (`pydoc_data.topics`, about 465,000 characters), joined
+    in sorted order. It ships with every Python, so `nanolstm train` needs no download."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise DataError("this Python lacks pydoc_data, the default corpus; pass --data PATH") from None
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
 def _read_utf8(path):
     """Decode one file as strict UTF-8, without its byte order mark, reporting bad bytes by offset."""
     try:
@@ -95,7 +106,11 @@ _OPENING = frozenset("([{")
 
 
 def tokenize_words(text):
-    """Split text into words, punctuation marks and newlines: "Hi, you.\\n" -> ["Hi", ",", "you", ".", "\\n"]."""
+    """Split text into words, punctuation marks and newlines.
+
+    "Hi, it's me.\\n" -> ["Hi", ",", "it's", "me", ".", "\\n"]. Letters of every script count as word
+    characters, so a run of CJK characters without spaces is a single word.
+    """
     return _WORD_RE.findall(text)
 
 

@@ -1,0 +1,168 @@
+"""The language model: embedding -> stacked recurrent layers -> dropout -> linear decoder.
+
+Shapes: T time, N batch (streams), V vocabulary, E embedding size, H hidden, L layers.
+"""
+
+import dataclasses
+import sys
+
+import numpy as np
+
+from nanolstm import checkpoint
+from nanolstm.data import Vocab
+from nanolstm.errors import CheckpointError, NanolstmError
+from nanolstm.nn import GRU, LSTM, RNN, Dropout, Embedding, Linear, Module
+from nanolstm.sample import check_sampling, next_tokens
+
+RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The architecture: what a checkpoint must know to rebuild the model."""
+
+    vocab_size: int
+    model: str = "lstm"
+    num_layers: int = 2
+    hidden_size: int = 256
+    embedding_size: int = 64
+    dropout: float = 0.0
+
+    def validate(self):
+        if self.model not in RECURRENT:
+            raise NanolstmError(f"unknown model {self.model!r}: use lstm, gru or rnn")
+        for name in ("vocab_size", "num_layers", "hidden_size", "embedding_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise NanolstmError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if not 0 <= self.dropout < 1:
+            raise NanolstmError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+class LanguageModel(Module):
+    """Predicts the next token of each of N streams, given the tokens so far.
+
+    >>> model = LanguageModel(ModelConfig(vocab_size=len(vocab)), vocab, seed=0)
+    >>> logits, state = model.forward(x)       # x (T, N) token ids -> logits (T, N, V)
+    >>> model.backward(dlogits)                # gradients add up in model.named_grads()
+    """
+
+    def __init__(self, config, vocab=None, seed=None, dtype=np.float32):
+        super().__init__(dtype)
+        config.validate()
+        self.config, self.vocab = config, vocab
+        # one generator for initialisation and every dropout mask, so a seed fixes the whole run
+        self.rng = np.random.default_rng(seed)
+        c = config
+        self.children = {
+            "embedding": Embedding(c.vocab_size, c.embedding_size, dtype, self.rng),
+            "rnn": RECURRENT[c.model](c.embedding_size, c.hidden_size, num_layers=c.num_layers,
+                                      dropout=c.dropout, dtype=dtype, rng=self.rng),
+            "decoder": Linear(c.hidden_size, c.vocab_size, dtype=dtype, rng=self.rng),
+        }
+        self.embedding, self.rnn, self.decoder = (self.children[k] for k in ("embedding", "rnn", "decoder"))
+        self.drop = Dropout(c.dropout, rng=self.rng)
+        self.children["drop"] = self.drop
+
+    def forward(self, x, state=None):
+        """x (T, N) token ids; state from the previous call or None -> logits (T, N, V), state."""
+        e = self.embedding.forward(x)  # (T, N, E)
+        out, state = self.rnn.forward(e, state)  # (T, N, H)
+        logits = self.decoder.forward(self.drop.forward(out))  # (T, N, V)
+        return logits, state
+
+    def backward(self, dlogits):
+        """dlogits (T, N, V): the reverse of forward, layer by layer."""
+        dout = self.drop.backward(self.decoder.backward(dlogits))
+        de, _ = self.rnn.backward(dout)
+        self.embedding.backward(de)
+
+    # -----------------------------------------------------------------------------------------
+    # Generation
+
+    def generate(self, prime="", length=200, temperature=1.0, top_k=None, top_p=None, argmax=False,
+                 seed=None, num_samples=1, unknown="error", on_text=None):
+        """Generate num_samples texts of `length` new tokens each, after warming the state on prime.
+
+        Returns a list of num_samples strings (the prime not included). on_text, if given, is called
+        with each new piece of text of the first sample as soon as it is drawn, for streaming.
+        unknown="skip" drops prime characters (or words) the vocabulary lacks instead of refusing.
+        """
+        vocab = self.vocab
+        if vocab is None:
+            raise NanolstmError("this model has no vocabulary to generate text with")
+        check_sampling(temperature, top_k, top_p, len(vocab))
+        if length < 0 or num_samples < 1:
+            raise NanolstmError("--length must be >= 0 and --num-samples >= 1")
+        if unknown not in ("error", "skip"):
+            raise NanolstmError(f"unknown must be 'error' or 'skip', got {unknown!r}")
+        # unknown words have <unk>; unknown characters have nothing to stand for them
+        missing = vocab.missing(prime) if prime and vocab.unk_id is None else []
+        if missing and unknown == "error":
+            shown = " ".join(repr(m) for m in missing[:10])
+            raise NanolstmError(f"the prime text has {len(missing)} character(s) the vocabulary lacks: "
+                                f"{shown}; change the prime or pass --unknown skip")
+        if missing:
+            prime = "".join(ch for ch in prime if ch in vocab.index)
+        ids = vocab.encode(prime) if prime else np.zeros(0, np.int64)
+        if len(ids) == 0:  # no prime: start from a line break, or the first token
+            ids = np.array([vocab.index.get("\n", 0)])
+        rng = np.random.default_rng(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            x = np.repeat(np.asarray(ids)[:, None], num_samples, axis=1)  # (T, N)
+            logits, state = self.forward(x)  # warm the state on the whole prime at once
+            logits = logits[-1]  # (N, V)
+            out = np.empty((length, num_samples), np.int64)
+            emitted = ""
+            for t in range(length):
+                tok = next_tokens(logits, rng, temperature, top_k, top_p, argmax)  # (N,)
+                out[t] = tok
+                if on_text is not None:
+                    text = vocab.decode(out[: t + 1, 0])
+                    on_text(text[len(emitted):])
+                    emitted = text
+                logits, state = self.forward(tok[None, :], state)
+                logits = logits[0]
+        finally:
+            self.train(was_training)
+        return [vocab.decode(out[:, n]) for n in range(num_samples)]
+
+    # -----------------------------------------------------------------------------------------
+    # Checkpoints: arrays under "model." and the configuration and vocabulary as JSON
+
+    def checkpoint_parts(self):
+        arrays = {f"model.{k}": v for k, v in self.state_dict().items()}
+        meta = {"model_config": dataclasses.asdict(self.config), "dtype": self.dtype.name,
+                "vocab": self.vocab.to_json() if self.vocab is not None else None}
+        return arrays, meta
+
+    @classmethod
+    def from_checkpoint_parts(cls, arrays, meta, where="checkpoint"):
+        try:
+            config = ModelConfig(**meta["model_config"])
+            config.validate()
+            vocab = Vocab.from_json(meta["vocab"]) if meta.get("vocab") is not None else None
+            model = cls(config, vocab, dtype=np.dtype(meta.get("dtype", "float32")))
+            model.load_state_dict({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
+        except (KeyError, TypeError, ValueError, NanolstmError) as e:
+            raise CheckpointError(f"{where}: not a valid nanolstm model ({str(e).splitlines()[0]})") from None
+        if vocab is not None and len(vocab) != config.vocab_size:
+            raise CheckpointError(f"{where}: vocabulary of {len(vocab)} does not fit the model's {config.vocab_size}")
+        return model
+
+    def save(self, path):
+        arrays, meta = self.checkpoint_parts()
+        checkpoint.save(path, arrays, meta)
+
+    @classmethod
+    def load(cls, path):
+        """A model from a checkpoint file written by save() or by the trainer."""
+        arrays, meta = checkpoint.load(path)
+        return cls.from_checkpoint_parts(arrays, meta, where=str(path))
+
+
+def stream_to_stdout(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()

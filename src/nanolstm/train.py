@@ -1,0 +1,431 @@
+"""The training loop: data, model, optimizer, evaluation, checkpoints, progress and metrics.
+
+`train(TrainConfig(...))` runs it from Python; `nanolstm train` is a thin shell over it. A run can be
+stopped at any step (Ctrl-C, SIGTERM, or a crash) and resumed from `last.ckpt` to end with the same
+weights, bit for bit, as a run that never stopped: the checkpoint holds the weights, the optimizer's
+moments, the random generator, the step (which fixes the data position) and the hidden state carried
+between batches.
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+
+from nanolstm import checkpoint, optim
+from nanolstm.data import Batches, Vocab, default_corpus, encode_chars, read_corpus, split_ids
+from nanolstm.errors import CheckpointError, NanolstmError
+from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
+from nanolstm.model import LanguageModel, ModelConfig
+from nanolstm.outdir import OutputLock, write_atomic
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every option of a training run; the command line's flags have the same names."""
+
+    data: str = None  # a UTF-8 file or a folder of .txt files; None: Python's own help texts
+    out: str = "out"
+    level: str = "char"  # or "word"
+    min_count: int = 1  # words seen fewer times become <unk>
+    model: str = "lstm"  # lstm, gru or rnn
+    num_layers: int = 2
+    hidden_size: int = 256
+    embedding_size: int = 64
+    dropout: float = 0.0
+    val_frac: float = 0.05
+    batch_size: int = 32
+    seq_length: int = 64
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    lr_schedule: str = "constant"  # constant, step or cosine
+    warmup: int = 0
+    lr_step_size: int = 1000
+    lr_gamma: float = 0.5
+    min_lr: float = 0.0
+    grad_clip: float = 5.0  # by global norm; 0 turns it off
+    grad_clip_value: float = None  # by value, instead of by norm
+    weight_decay: float = 0.0
+    max_steps: int = None  # default: 1500, unless epochs is given
+    epochs: float = None
+    eval_every: int = 250
+    sample_length: int = 200  # characters (or words) of the preview at each evaluation
+    seed: int = 0
+    on_nan: str = "stop"  # or "skip"
+    dtype: str = "float32"
+    quiet: bool = False
+    plot: bool = True
+    resume: str = None  # a checkpoint, or a folder holding last.ckpt
+
+    def validate(self):
+        positive = ("num_layers", "hidden_size", "embedding_size", "batch_size", "seq_length",
+                    "eval_every", "min_count")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise NanolstmError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        choices = {"level": ("char", "word"), "model": ("lstm", "gru", "rnn"),
+                   "optimizer": tuple(optim.OPTIMIZERS), "lr_schedule": ("constant", "step", "cosine"),
+                   "on_nan": ("stop", "skip"), "dtype": ("float32", "float64")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise NanolstmError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                    f"got {getattr(self, name)!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise NanolstmError(f"--lr must be a positive number, got {self.lr!r}")
+        if not 0 <= self.dropout < 1:
+            raise NanolstmError(f"--dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0 <= self.val_frac < 1:
+            raise NanolstmError(f"--val-frac must be in [0, 1), got {self.val_frac!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise NanolstmError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise NanolstmError(f"--epochs must be positive, got {self.epochs!r}")
+        for name in ("grad_clip", "weight_decay", "warmup", "sample_length", "min_lr"):
+            if getattr(self, name) < 0:
+                raise NanolstmError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        if self.grad_clip_value is not None and not self.grad_clip_value > 0:
+            raise NanolstmError(f"--grad-clip-value must be positive, got {self.grad_clip_value!r}")
+        if self.lr_step_size < 1:
+            raise NanolstmError(f"--lr-step-size must be a positive integer, got {self.lr_step_size!r}")
+
+
+# Options that may differ between a checkpoint and the run that resumes it: they change neither the
+# model nor the sequence of updates that came before.
+RESUMABLE = {"out", "max_steps", "epochs", "eval_every", "sample_length", "quiet", "plot", "resume",
+             "on_nan"}
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after writing last.ckpt; exit status 128 + signum."""
+
+    def __init__(self, signum, step, path):
+        super().__init__(f"stopped at step {step} by signal {signum}; checkpoint saved to {path}")
+        self.signum, self.step, self.path = signum, step, path
+
+
+class Diverged(NanolstmError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    val_loss: float
+    best_val_loss: float
+    out: str
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(path):
+    """A checkpoint file, or the given name inside a folder (last.ckpt by default)."""
+    if os.path.isdir(path):
+        return os.path.join(path, "last.ckpt")
+    return path
+
+
+def resumed_config(config):
+    """The configuration stored in config.resume's checkpoint, with the options that may change taken
+    from config. An option set to something other than its default that disagrees with the checkpoint
+    is refused."""
+    path = resolve_checkpoint(config.resume)
+    arrays, meta = checkpoint.load(path)
+    if "train_config" not in meta:
+        raise CheckpointError(f"{path}: holds a model but no training state; it cannot be resumed")
+    saved = dict(meta["train_config"])
+    defaults = TrainConfig()
+    clashes = []
+    for field in dataclasses.fields(TrainConfig):
+        name, value = field.name, getattr(config, field.name)
+        if name in RESUMABLE:
+            if value != getattr(defaults, name) or name == "resume":
+                saved[name] = value
+        elif value != getattr(defaults, name) and value != saved.get(name):
+            clashes.append(f"--{name.replace('_', '-')} {value} (checkpoint: {saved.get(name)})")
+    if clashes:
+        raise NanolstmError(f"--resume: options do not fit the checkpoint {path}: {'; '.join(clashes)}; "
+                            "drop them or start a new run")
+    if config.out == defaults.out:  # resume into the checkpoint's own folder unless told otherwise
+        saved["out"] = os.path.dirname(os.path.abspath(path))
+    try:
+        return TrainConfig(**saved), arrays, meta
+    except TypeError as e:
+        raise CheckpointError(f"{path}: unreadable training configuration ({e})") from None
+
+
+def load_data(config, vocab=None):
+    """Read and encode the corpus. Returns (vocab, train ids, val ids, corpus fingerprint)."""
+    text = read_corpus(config.data) if config.data is not None else default_corpus()
+    fingerprint = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if config.level == "char":
+        ids, vocab = encode_chars(text, vocab)
+    else:
+        vocab = vocab or Vocab.build_words(text, config.min_count)
+        ids = vocab.encode(text)
+    del text
+    train_ids, val_ids = split_ids(ids, config.val_frac)
+    return vocab, train_ids, val_ids, fingerprint
+
+
+def evaluate(model, ids, batch_size, seq_length):
+    """Mean loss in nats over the whole of ids, cut into at most batch_size streams.
+
+    Every token but the first of each stream (and fewer than batch_size left over at the end) is
+    predicted once, with the hidden state carried along each stream.
+    """
+    N = max(1, min(batch_size, (len(ids) - 1) // 2))
+    L = (len(ids) - 1) // N
+    x_all = ids[: N * L].reshape(N, L).T  # (L, N)
+    y_all = ids[1 : N * L + 1].reshape(N, L).T
+    was_training = model.training
+    model.eval()
+    total, count, state = 0.0, 0, None
+    for start in range(0, L, seq_length):
+        x = np.ascontiguousarray(x_all[start : start + seq_length])
+        y = y_all[start : start + seq_length]
+        logits, state = model.forward(x, state)
+        loss, _ = cross_entropy_forward(logits, y)
+        total += float(loss) * y.size
+        count += y.size
+    model.train(was_training)
+    return total / count
+
+
+def bits(nats):
+    return nats / math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config, log=None):
+    """Train a language model as config says; returns a TrainResult. Raises NanolstmError for bad
+    input, Diverged for a loss that became NaN, and Interrupted after a signal."""
+    meta, arrays = None, None
+    if config.resume:
+        config, arrays, meta = resumed_config(config)
+    config.validate()
+    os.makedirs(config.out, exist_ok=True)
+    with OutputLock(config.out):
+        return _train_locked(config, arrays, meta, log)
+
+
+def _train_locked(config, arrays, meta, log):
+    stdout_tty = sys.stdout.isatty()
+    say = log or (lambda msg: None if config.quiet else print(msg, flush=True))
+    dtype = np.dtype(config.dtype)
+
+    # ---- data
+    vocab = Vocab.from_json(meta["vocab"]) if meta else None
+    vocab, train_ids, val_ids, fingerprint = load_data(config, vocab)
+    if meta and meta["corpus_sha256"] != fingerprint:
+        raise NanolstmError("--resume: the corpus differs from the one the checkpoint was trained on; "
+                            "pass the same --data")
+    batches = Batches(train_ids, config.batch_size, config.seq_length)
+    if config.val_frac > 0 and len(val_ids) < 2:
+        raise NanolstmError("the validation split is empty; raise --val-frac or use a larger corpus")
+    if config.max_steps is not None:
+        max_steps = config.max_steps
+    elif config.epochs is not None:
+        max_steps = max(1, int(config.epochs * len(batches)))
+    else:
+        max_steps = 1500
+
+    # ---- model and optimizer
+    model_config = ModelConfig(len(vocab), config.model, config.num_layers, config.hidden_size,
+                               config.embedding_size, config.dropout)
+    model = LanguageModel(model_config, vocab, seed=config.seed, dtype=dtype)
+    params, grads = model.state_dict(), model.named_grads()
+    opt_kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    opt = optim.OPTIMIZERS[config.optimizer](params, grads, **opt_kwargs)
+    step, best_val, state = 0, math.inf, None
+    if meta:
+        model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        opt.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("optim.")}, meta["optimizer"])
+        model.rng.bit_generator.state = meta["rng"]
+        step, best_val = meta["step"], meta["best_val_loss"]
+        carried = [arrays[k] for k in sorted(arrays) if k.startswith("carry.")]
+        state = (tuple(carried) if config.model == "lstm" else carried[0]) if carried else None
+    crit_scale = "bpc" if config.level == "char" else "ppl"
+
+    # ---- checkpoints, metrics and the plot, all inside config.out
+    last_path = os.path.join(config.out, "last.ckpt")
+    best_path = os.path.join(config.out, "best.ckpt")
+    metrics_path = os.path.join(config.out, "metrics.jsonl")
+    if not meta and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run in an old folder starts a fresh log
+
+    def save(path):
+        if not all(np.all(np.isfinite(p)) for p in params.values()):
+            say(f"not saving {path}: the weights are not finite")
+            return
+        m_arrays, m_meta = model.checkpoint_parts()
+        o_arrays, o_scalars = opt.state_dict()
+        m_arrays.update({f"optim.{k}": v for k, v in o_arrays.items()})
+        if state is not None:
+            parts = state if isinstance(state, tuple) else (state,)
+            m_arrays.update({f"carry.{i}": s for i, s in enumerate(parts)})
+        train_config = dataclasses.asdict(config)
+        train_config["resume"] = None
+        m_meta.update({"train_config": train_config, "step": step, "optimizer": o_scalars,
+                       "rng": model.rng.bit_generator.state, "best_val_loss": best_val,
+                       "corpus_sha256": fingerprint})
+        checkpoint.save(path, m_arrays, m_meta)
+
+    history = _read_metrics(metrics_path) if meta else []
+
+    # ---- signals: finish the step under way, then save and stop
+    stop = {"signum": None}
+
+    def on_signal(signum, frame):
+        stop["signum"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = None
+    if stdout_tty and not config.quiet and log is None:
+        from tqdm import tqdm
+        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
+        say = bar.write
+
+    say(f"nanolstm: {config.model} {config.num_layers}x{config.hidden_size}, "
+        f"{model.num_parameters():,} parameters, vocabulary {len(vocab)}, "
+        f"{len(train_ids):,} training and {len(val_ids):,} validation tokens, {len(batches)} batches per epoch"
+        + (f"; resuming at step {step}" if meta else ""))
+
+    tokens_per_step = config.batch_size * config.seq_length
+    t_start = time.perf_counter()
+    t_interval, interval_loss, interval_steps, skipped = 0.0, 0.0, 0, 0
+    val_loss = history[-1]["val_loss"] if history else math.nan
+    try:
+        while step < max_steps and stop["signum"] is None:
+            t0 = time.perf_counter()
+            k = step % len(batches)
+            if k == 0:
+                state = None  # a new epoch starts every stream from the beginning
+            x, y = batches[k]
+            lr = optim.lr_at(step, config.lr, config.lr_schedule, max_steps, config.warmup,
+                             config.lr_step_size, config.lr_gamma, config.min_lr)
+            opt.lr = lr
+
+            # forward, loss, backward
+            model.zero_grad()
+            logits, new_state = model.forward(x, state)
+            loss, cache = cross_entropy_forward(logits, y)
+            model.backward(cross_entropy_backward(cache))
+
+            # clip, check, update
+            if config.grad_clip_value is not None:
+                optim.clip_grad_value(grads, config.grad_clip_value)
+                norm = optim.global_norm(grads)
+            elif config.grad_clip > 0:
+                norm = optim.clip_grad_norm(grads, config.grad_clip)
+            else:
+                norm = optim.global_norm(grads)
+            loss = float(loss)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                if config.on_nan == "stop":
+                    raise Diverged(f"training diverged at step {step + 1}: the {what} is not finite; "
+                                   f"{last_path} keeps the last good weights; lower --lr or pass --on-nan skip")
+                say(f"step {step + 1}: the {what} is not finite; update skipped")
+                skipped += 1
+            else:
+                opt.step()
+                interval_loss += loss
+                interval_steps += 1
+            state = new_state
+            step += 1
+            t_interval += time.perf_counter() - t0
+
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss:.3f} {crit_scale} "
+                                    f"{bits(loss) if crit_scale == 'bpc' else math.exp(min(loss, 50)):.3f} "
+                                    f"{tokens_per_step * interval_steps / max(t_interval, 1e-9):,.0f} tok/s")
+
+            if step % config.eval_every == 0 or step == max_steps:
+                val_loss = evaluate(model, val_ids, config.batch_size, config.seq_length) if len(val_ids) > 1 \
+                    else math.nan
+                train_loss = interval_loss / max(1, interval_steps)
+                record = {"step": step, "epoch": step / len(batches), "tokens": step * tokens_per_step,
+                          "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
+                          "tokens_per_s": tokens_per_step * interval_steps / max(t_interval, 1e-9),
+                          "elapsed_s": time.perf_counter() - t_start, "grad_norm": norm,
+                          "skipped_steps": skipped}
+                if crit_scale == "bpc":
+                    record.update(train_bpc=bits(train_loss), val_bpc=bits(val_loss))
+                else:
+                    record.update(train_ppl=math.exp(min(train_loss, 50)), val_ppl=math.exp(min(val_loss, 50)))
+                history.append(record)
+                improved = val_loss < best_val
+                if improved:
+                    best_val = val_loss
+                save(last_path)
+                if improved:
+                    save(best_path)
+                write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+                if config.plot:
+                    plot_history(history, os.path.join(config.out, "loss.png"), crit_scale)
+                say(_log_line(record, max_steps, crit_scale))
+                if config.sample_length and stop["signum"] is None:
+                    preview = model.generate(length=config.sample_length, temperature=0.8, seed=step)[0]
+                    say("---- sample ----\n" + preview + "\n----")
+                t_interval, interval_loss, interval_steps = 0.0, 0.0, 0
+            elif bar is None and not config.quiet and step % max(1, config.eval_every // 5) == 0:
+                say(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_step * interval_steps / max(t_interval, 1e-9):,.0f} tok/s")
+
+        if stop["signum"] is not None:
+            save(last_path)
+            raise Interrupted(stop["signum"], step, last_path)
+    finally:
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    return TrainResult(step=step, val_loss=val_loss, best_val_loss=best_val, out=config.out)
+
+
+def _log_line(r, max_steps, scale):
+    score = f"val bpc {r['val_bpc']:.4f}" if scale == "bpc" else f"val ppl {r['val_ppl']:.2f}"
+    return (f"step {r['step']}/{max_steps} | train loss {r['train_loss']:.4f} | val loss {r['val_loss']:.4f} | "
+            f"{score} | lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | {r['elapsed_s']:.1f}s")
+
+
+def _read_metrics(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_history(history, path, scale):
+    """Training and validation loss against the step, written atomically as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps = [r["step"] for r in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(steps, [r["train_loss"] for r in history], label="train")
+    ax.plot(steps, [r["val_loss"] for r in history], label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per " + ("character" if scale == "bpc" else "word") + ")")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
