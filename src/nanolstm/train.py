@@ -291,9 +291,13 @@ def _train_locked(config, arrays, meta, log):
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bar = None
     if stdout_tty and not config.quiet and log is None:
-        from tqdm import tqdm
-        bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
-        say = bar.write
+        try:
+            from tqdm import tqdm
+        except ImportError:  # tqdm is optional: without it, plain log lines
+            tqdm = None
+        if tqdm is not None:
+            bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
+            say = bar.write
 
     say(f"nanolstm: {config.model} {config.num_layers}x{config.hidden_size}, "
         f"{model.num_parameters():,} parameters, vocabulary {len(vocab)}, "
