@@ -355,6 +355,34 @@ def rnn_backward(dout, dh_T, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# One step of each layer, for generation, where the input of a step is only known after the step
+# before it. a (N, G*H) holds the input-side pre-activations with the biases that can be folded in
+# (for the first layer of a language model, a row of a table precomputed for every token).
+
+
+def lstm_step(a, h, c, w_hh):
+    """a (N, 4H), consumed; h, c (N, H) -> h, c of the next step (new arrays)."""
+    a += h @ w_hh.T
+    h_new, c_new, tanh_c = np.empty_like(h), np.empty_like(c), np.empty_like(c)
+    _cells["lstm"][0](a, c, c_new, h_new, tanh_c)
+    return h_new, c_new
+
+
+def gru_step(a, h, w_hh, b_hh):
+    """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H) -> next h."""
+    H = h.shape[1]
+    h_new, hn = np.empty_like(h), np.empty_like(h)
+    _cells["gru"][0](a, h @ w_hh.T, b_hh[2 * H :], h, h_new, hn)
+    return h_new
+
+
+def rnn_step(a, h, w_hh, nonlinearity="tanh"):
+    """a (N, H) with both biases added, consumed; h (N, H) -> next h."""
+    a += h @ w_hh.T
+    return np.tanh(a, out=a) if nonlinearity == "tanh" else np.maximum(a, 0, out=a)
+
+
+# ---------------------------------------------------------------------------------------------
 # Which cell kernels the sequence functions call: the NumPy reference above, or compiled ones.
 
 _reference_cells = {

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 
 from nanolstm import checkpoint
+from nanolstm import functional as F
 from nanolstm.data import Vocab
 from nanolstm.errors import CheckpointError, NanolstmError
 from nanolstm.nn import GRU, LSTM, RNN, Dropout, Embedding, Linear, Module
@@ -80,6 +81,45 @@ class LanguageModel(Module):
     # -----------------------------------------------------------------------------------------
     # Generation
 
+    def input_table(self):
+        """(V, G*H): every token's first-layer input pre-activation, embedding @ W_ih0^T plus the
+        biases that fold in. Generation then starts each step with a row lookup, not a product."""
+        rnn = self.rnn
+        w_ih, _, b_ih, b_hh = rnn.layer_params(0)
+        return self.embedding.params["weight"] @ w_ih.T + self._folded_bias(b_ih, b_hh)
+
+    def _folded_bias(self, b_ih, b_hh):
+        """The biases that add to the input side: all of both, except the GRU's b_hn (inside r * ...)."""
+        if self.config.model != "gru":
+            return b_ih + b_hh
+        H = self.config.hidden_size
+        return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, self.dtype)])
+
+    def step(self, tokens, state, table=None):
+        """One step of inference, without dropout and without a cache for backward.
+
+        tokens (N,) ids; state as forward returns it (not None) -> logits (N, V), next state.
+        table: input_table(), if the caller computed it once for many steps.
+        """
+        rnn, kind = self.rnn, self.config.model
+        table = self.input_table() if table is None else table
+        hs = state[0] if kind == "lstm" else state
+        cs = state[1] if kind == "lstm" else None
+        new_h, new_c = np.empty_like(hs), (np.empty_like(cs) if cs is not None else None)
+        x = None
+        for layer in range(rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = rnn.layer_params(layer)
+            a = table[tokens] if layer == 0 else x @ w_ih.T + self._folded_bias(b_ih, b_hh)  # (N, G*H)
+            if kind == "lstm":
+                new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], w_hh)
+            elif kind == "gru":
+                new_h[layer] = F.gru_step(a, hs[layer], w_hh, b_hh)
+            else:
+                new_h[layer] = F.rnn_step(a, hs[layer], w_hh, rnn.nonlinearity)
+            x = new_h[layer]
+        logits = x @ self.decoder.params["weight"].T + self.decoder.params["bias"]  # (N, V)
+        return logits, ((new_h, new_c) if kind == "lstm" else new_h)
+
     def generate(self, prime="", length=200, temperature=1.0, top_k=None, top_p=None, argmax=False,
                  seed=None, num_samples=1, unknown="error", on_text=None):
         """Generate num_samples texts of `length` new tokens each, after warming the state on prime.
@@ -114,17 +154,18 @@ class LanguageModel(Module):
             x = np.repeat(np.asarray(ids)[:, None], num_samples, axis=1)  # (T, N)
             logits, state = self.forward(x)  # warm the state on the whole prime at once
             logits = logits[-1]  # (N, V)
+            table = self.input_table()
             out = np.empty((length, num_samples), np.int64)
             emitted = ""
             for t in range(length):
                 tok = next_tokens(logits, rng, temperature, top_k, top_p, argmax)  # (N,)
                 out[t] = tok
                 if on_text is not None:
-                    text = vocab.decode(out[: t + 1, 0])
-                    on_text(text[len(emitted):])
+                    # a character is its own text; a word's spacing depends on the words before it
+                    text = vocab.tokens[tok[0]] if vocab.level == "char" else vocab.decode(out[: t + 1, 0])
+                    on_text(text if vocab.level == "char" else text[len(emitted):])
                     emitted = text
-                logits, state = self.forward(tok[None, :], state)
-                logits = logits[0]
+                logits, state = self.step(tok, state, table)
         finally:
             self.train(was_training)
         return [vocab.decode(out[:, n]) for n in range(num_samples)]
