@@ -1,0 +1,58 @@
+"""The language model: its backward against numerical gradients, and the one-step path against forward."""
+
+import numpy as np
+import pytest
+
+from nanolstm.data import Vocab
+from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
+from nanolstm.gradcheck import check_gradients
+from nanolstm.model import LanguageModel, ModelConfig
+
+VOCAB = Vocab.build_chars("abcdefghij klmnop\n")
+
+
+def make(kind, dropout=0.0, layers=2):
+    config = ModelConfig(len(VOCAB), model=kind, num_layers=layers, hidden_size=6, embedding_size=5,
+                         dropout=dropout)
+    return LanguageModel(config, VOCAB, seed=1, dtype=np.float64)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_model_gradients(kind):
+    model = make(kind, dropout=0.3)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, len(VOCAB), (4, 3))
+    y = rng.integers(0, len(VOCAB), (4, 3))
+
+    def loss():
+        model.rng.bit_generator.state = np.random.default_rng(5).bit_generator.state  # fixed masks
+        logits, _ = model.forward(x)
+        value, cache = cross_entropy_forward(logits, y)
+        loss.cache = cache
+        return value
+
+    loss()
+    model.zero_grad()
+    model.backward(cross_entropy_backward(loss.cache))
+    errors = check_gradients(loss, model.state_dict(), model.named_grads())
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_step_equals_forward(kind):
+    model = make(kind, layers=3).eval()
+    x = np.random.default_rng(1).integers(0, len(VOCAB), (5, 4))
+    logits_all, _ = model.forward(x)
+    _, state = model.forward(x[:4])
+    logits_step, _ = model.step(x[4], state)
+    np.testing.assert_allclose(logits_step, logits_all[4], rtol=1e-12, atol=1e-12)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = make("lstm")
+    model.save(tmp_path / "m.ckpt")
+    loaded = LanguageModel.load(tmp_path / "m.ckpt")
+    assert loaded.vocab.tokens == VOCAB.tokens and loaded.config == model.config
+    for k, v in model.state_dict().items():
+        assert np.array_equal(v, loaded.state_dict()[k]) and loaded.state_dict()[k].dtype == v.dtype
+    assert loaded.generate(length=30, seed=3) == model.generate(length=30, seed=3)
