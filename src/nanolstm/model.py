@@ -124,8 +124,9 @@ class LanguageModel(Module):
                  seed=None, num_samples=1, unknown="error", on_text=None):
         """Generate num_samples texts of `length` new tokens each, after warming the state on prime.
 
-        Returns a list of num_samples strings (the prime not included). on_text, if given, is called
-        with each new piece of text of the first sample as soon as it is drawn, for streaming.
+        Returns a list of num_samples strings, the prime not included but spaced so that prime + text
+        reads right (a word model's sample starts with a space where one belongs). on_text, if given,
+        is called with each new piece of text of the first sample as soon as it is drawn, for streaming.
         unknown="skip" drops prime characters (or words) the vocabulary lacks instead of refusing.
         """
         vocab = self.vocab
@@ -145,6 +146,14 @@ class LanguageModel(Module):
         if missing:
             prime = "".join(ch for ch in prime if ch in vocab.index)
         ids = vocab.encode(prime) if prime else np.zeros(0, np.int64)
+        # a word's spacing depends on the word before it: decode after the prime's last word, then cut
+        # that word off again
+        context = ids[-1:] if vocab.level == "word" and prime and not prime[-1].isspace() else ids[:0]
+        skip = len(vocab.decode(context))
+
+        def decode(seq):
+            return vocab.decode(np.concatenate([context, seq]))[skip:]
+
         if len(ids) == 0:  # no prime: start from a line break, or the first token
             ids = np.array([vocab.index.get("\n", 0)])
         rng = np.random.default_rng(seed)
@@ -162,13 +171,13 @@ class LanguageModel(Module):
                 out[t] = tok
                 if on_text is not None:
                     # a character is its own text; a word's spacing depends on the words before it
-                    text = vocab.tokens[tok[0]] if vocab.level == "char" else vocab.decode(out[: t + 1, 0])
+                    text = vocab.tokens[tok[0]] if vocab.level == "char" else decode(out[: t + 1, 0])
                     on_text(text if vocab.level == "char" else text[len(emitted):])
                     emitted = text
                 logits, state = self.step(tok, state, table)
         finally:
             self.train(was_training)
-        return [vocab.decode(out[:, n]) for n in range(num_samples)]
+        return [decode(out[:, n]) for n in range(num_samples)]
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints: arrays under "model." and the configuration and vocabulary as JSON

@@ -213,9 +213,17 @@ def train(config, log=None):
     if config.resume:
         config, arrays, meta = resumed_config(config)
     config.validate()
+    created = not os.path.exists(config.out)
     os.makedirs(config.out, exist_ok=True)
-    with OutputLock(config.out):
-        return _train_locked(config, arrays, meta, log)
+    try:
+        with OutputLock(config.out):
+            return _train_locked(config, arrays, meta, log)
+    except NanolstmError:
+        # bad input found before anything was written: leave no trace of the folder we made for it
+        if created and os.listdir(config.out) == [".lock"]:
+            os.remove(os.path.join(config.out, ".lock"))
+            os.rmdir(config.out)
+        raise
 
 
 def _train_locked(config, arrays, meta, log):
@@ -277,6 +285,7 @@ def _train_locked(config, arrays, meta, log):
         train_config["resume"] = None
         m_meta.update({"train_config": train_config, "step": step, "optimizer": o_scalars,
                        "rng": model.rng.bit_generator.state, "best_val_loss": best_val,
+                       "interval": [interval_loss, interval_steps, skipped],
                        "corpus_sha256": fingerprint})
         checkpoint.save(path, m_arrays, m_meta)
 
@@ -306,7 +315,9 @@ def _train_locked(config, arrays, meta, log):
 
     tokens_per_step = config.batch_size * config.seq_length
     t_start = time.perf_counter()
-    t_interval, interval_loss, interval_steps, skipped = 0.0, 0.0, 0, 0
+    t_interval = 0.0
+    # the loss summed since the last evaluation carries over a resume, so the metrics match too
+    interval_loss, interval_steps, skipped = meta.get("interval", (0.0, 0, 0)) if meta else (0.0, 0, 0)
     val_loss = history[-1]["val_loss"] if history else math.nan
     try:
         while step < max_steps and stop["signum"] is None:
@@ -369,6 +380,7 @@ def _train_locked(config, arrays, meta, log):
                 else:
                     record.update(train_ppl=math.exp(min(train_loss, 50)), val_ppl=math.exp(min(val_loss, 50)))
                 history.append(record)
+                t_interval, interval_loss, interval_steps = 0.0, 0.0, 0
                 improved = val_loss < best_val
                 if improved:
                     best_val = val_loss
@@ -382,7 +394,6 @@ def _train_locked(config, arrays, meta, log):
                 if config.sample_length and stop["signum"] is None:
                     preview = model.generate(length=config.sample_length, temperature=0.8, seed=step)[0]
                     say("---- sample ----\n" + preview + "\n----")
-                t_interval, interval_loss, interval_steps = 0.0, 0.0, 0
             elif bar is None and not config.quiet and step % max(1, config.eval_every // 5) == 0:
                 say(f"step {step}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                     f"{tokens_per_step * interval_steps / max(t_interval, 1e-9):,.0f} tok/s")

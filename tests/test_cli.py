@@ -1,0 +1,265 @@
+"""The command line, in-process through main(argv): bad input gets one line and status 2, word models,
+signals (130, 143) and an exact resume, a folder held by another trainer, and `python -m nanolstm`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanolstm import LanguageModel, checkpoint, optim
+from nanolstm.cli import main
+from nanolstm.data import tokenize_words
+from nanolstm.outdir import OutputLock
+
+TINY = ["--num-layers", "1", "--hidden-size", "32", "--embedding-size", "16", "--batch-size", "8",
+        "--seq-length", "16", "--lr", "1e-2", "--sample-length", "0", "--no-plot", "--quiet"]
+
+SENTENCES = ["the cat sat on the mat.", "a dog ran to the red house.", "the bird saw a small fox.",
+             "we walk to the river and back.", "she reads the old book at night."]
+
+
+def prose(n_lines, seed=0):
+    rng = np.random.default_rng(seed)
+    return "\n".join(SENTENCES[i] for i in rng.integers(len(SENTENCES), size=n_lines)) + "\n"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "prose.txt"
+    path.write_text(prose(120), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    """A finished tiny run: its folder holds last.ckpt and best.ckpt."""
+    out = str(tmp_path_factory.mktemp("run"))
+    assert main(["train", "--data", corpus, "--out", out, "--max-steps", "20", "--eval-every", "10", *TINY]) == 0
+    return out
+
+
+def one_line_error(capsys, *needles):
+    """Assert stderr is exactly one 'nanolstm: error:' line holding every needle."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("nanolstm: error: "), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def written(folder):
+    """The files in folder other than the trainer's lock."""
+    return sorted(set(os.listdir(folder)) - {".lock"}) if os.path.exists(folder) else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input to train: one line, status 2, nothing written
+
+
+def bad_corpora(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "latin1.txt").write_bytes("plain ascii, then caf".encode() + b"\xe9 au lait\n")
+    (tmp_path / "small.txt").write_text("too small for a batch " * 5, encoding="utf-8")
+    (tmp_path / "no_txt").mkdir()
+    (tmp_path / "no_txt" / "notes.md").write_text("not a .txt file", encoding="utf-8")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--data", "{tmp}/missing.txt"], ["missing.txt", "no such file"]),
+    (["--data", "{tmp}/empty.txt"], ["empty.txt", "empty"]),
+    (["--data", "{tmp}/latin1.txt"], ["latin1.txt", "not valid UTF-8", "byte offset 21"]),
+    (["--data", "{tmp}/no_txt"], ["no .txt files"]),
+    (["--data", "{tmp}/small.txt"], ["too small for one batch", "2049"]),
+    (["--data", "{tmp}/small.txt", "--batch-size", "4", "--seq-length", "50"], ["at least", "201"]),
+    (["--hidden-size", "0"], ["--hidden-size", "positive"]),
+    (["--batch-size", "-1"], ["--batch-size", "positive"]),
+    (["--num-layers", "0"], ["--num-layers"]),
+    (["--seq-length", "-5"], ["--seq-length"]),
+    (["--lr", "0"], ["--lr", "positive"]),
+    (["--lr", "-0.1"], ["--lr"]),
+    (["--max-steps", "0"], ["--max-steps"]),
+    (["--dropout", "1"], ["--dropout"]),
+    (["--val-frac", "1.5"], ["--val-frac"]),
+    (["--model", "foo"], ["--model", "foo"]),
+    (["--level", "x"], ["--level", "'x'"]),
+    (["--optimizer", "lbfgs"], ["--optimizer"]),
+    (["--hidden-size", "many"], ["--hidden-size", "many"]),
+    (["--no-such-option"], ["--no-such-option"]),
+])
+def test_bad_training_input_is_one_line_and_status_2(tmp_path, capsys, args, needles):
+    bad_corpora(tmp_path)
+    out = tmp_path / "out"
+    argv = ["train", *[a.format(tmp=tmp_path) for a in args], "--out", str(out), "--max-steps", "5"]
+    if "--max-steps" in args:
+        argv = argv[:-2]
+    assert main(argv) == 2
+    one_line_error(capsys, *needles)
+    assert not out.exists()  # the folder made for the run goes again with the bad input
+
+
+def test_bad_sampling_input_is_one_line_and_status_2(run, tmp_path, capsys):
+    best = os.path.join(run, "best.ckpt")
+    corrupt = tmp_path / "corrupt.ckpt"
+    data = bytearray(Path(best).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(bytes(data[: len(data) // 3]))
+    not_a_ckpt = tmp_path / "notes.txt"
+    not_a_ckpt.write_text("hello", encoding="utf-8")
+    cases = [
+        ([str(corrupt)], ["corrupt.ckpt", "corrupted"]),
+        ([str(truncated)], ["truncated.ckpt", "truncated"]),
+        ([str(not_a_ckpt)], ["not a nanolstm checkpoint"]),
+        ([str(tmp_path / "nowhere.ckpt")], ["nowhere.ckpt", "no such"]),
+        ([run, "--prime", "the cat sat on Zürich ✓"], ["'Z'", "'ü'", "'✓'", "--unknown skip"]),
+        ([run, "--temperature", "0"], ["--temperature"]),
+        ([run, "--temperature", "-1"], ["--temperature"]),
+        ([run, "--top-k", "0"], ["--top-k"]),
+        ([run, "--top-k", "1000"], ["--top-k"]),
+        ([run, "--top-p", "1.5"], ["--top-p"]),
+        ([run, "--top-p", "0"], ["--top-p"]),
+        ([run, "--length", "-1"], ["--length"]),
+        ([run, "--num-samples", "0"], ["--num-samples"]),
+        ([run, "--unknown", "replace"], ["--unknown"]),
+    ]
+    for args, needles in cases:
+        assert main(["sample", *args, "--length", "10"] if "--length" not in args else ["sample", *args]) == 2, args
+        one_line_error(capsys, *needles)
+
+
+def test_unknown_prime_characters_can_be_skipped(run, capsys):
+    assert main(["sample", run, "--prime", "the ✓cat", "--unknown", "skip", "--length", "25", "--seed", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith("the ✓cat") and len(out) == len("the ✓cat") + 25 + 1
+    # the state was warmed on the prime without the unknown character
+    model = LanguageModel.load(os.path.join(run, "best.ckpt"))
+    assert out[len("the ✓cat"):-1] == model.generate(prime="the cat", length=25, seed=0)[0]
+
+
+def test_resume_with_options_that_do_not_fit_the_checkpoint_is_refused(run, corpus, capsys):
+    before = {name: Path(run, name).read_bytes() for name in written(run)}
+    assert main(["train", "--resume", run, "--hidden-size", "64", "--max-steps", "30"]) == 2
+    one_line_error(capsys, "--hidden-size 64", "checkpoint: 32")
+    assert main(["train", "--resume", run, "--model", "gru", "--max-steps", "30"]) == 2
+    one_line_error(capsys, "--model gru")
+    other = os.path.join(os.path.dirname(corpus), "other.txt")
+    Path(other).write_text(prose(120, seed=1), encoding="utf-8")
+    assert main(["train", "--resume", run, "--data", other, "--max-steps", "30"]) == 2
+    one_line_error(capsys, "--data")
+    assert main(["train", "--resume", os.path.join(run, "nothing.ckpt")]) == 2
+    one_line_error(capsys, "nothing.ckpt")
+    after = {name: Path(run, name).read_bytes() for name in written(run)}
+    assert after == before
+
+
+def test_an_output_folder_held_by_a_live_trainer_is_refused(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(str(out)):
+        assert main(["train", "--data", corpus, "--out", str(out), "--max-steps", "5", *TINY]) == 2
+        one_line_error(capsys, str(out), f"pid {os.getpid()}")
+        assert written(out) == []
+    # released when the holder is done
+    assert main(["train", "--data", corpus, "--out", str(out), "--max-steps", "5", *TINY]) == 0
+    assert "last.ckpt" in written(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Word level
+
+
+def test_word_level_trains_reports_perplexity_and_maps_rare_words_to_unk(tmp_path, capsys):
+    data = tmp_path / "words.txt"
+    data.write_text(prose(300) + "a zebra and an okapi appear once.\n" + prose(40, seed=2), encoding="utf-8")
+    out = str(tmp_path / "out")
+    assert main(["train", "--data", str(data), "--out", out, "--level", "word", "--min-count", "2",
+                 "--max-steps", "60", "--eval-every", "30", *TINY, "--batch-size", "4"]) == 0
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        history = [json.loads(line) for line in f]
+    for r in history:
+        assert {"step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "elapsed_s"} <= set(r)
+        assert "val_bpc" not in r
+        assert np.isclose(r["val_ppl"], np.exp(r["val_loss"]))
+    assert history[-1]["val_ppl"] < history[0]["val_ppl"]
+
+    model = LanguageModel.load(os.path.join(out, "best.ckpt"))
+    tokens = model.vocab.tokens
+    assert tokens[0] == "<unk>" and model.vocab.unk_id == 0
+    assert "cat" in tokens and "." in tokens and "\n" in tokens
+    assert not {"zebra", "okapi", "appear", "once"} & set(tokens)
+    assert list(model.vocab.encode("a zebra sat")) == [tokens.index("a"), 0, tokens.index("sat")]
+
+    capsys.readouterr()
+    assert main(["sample", out, "--length", "30", "--seed", "0", "--prime", "the okapi"]) == 0
+    text = capsys.readouterr().out
+    assert text == "the okapi" + model.generate(prime="the okapi", length=30, seed=0)[0] + "\n"
+    assert tokenize_words(text)[:2] == ["the", "okapi"]  # the first sampled word is not glued on
+    assert set(tokenize_words(text)[2:]) <= set(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals and an exact resume through the command line
+
+
+@pytest.mark.parametrize("signum, status, model", [(signal.SIGINT, 130, "lstm"), (signal.SIGTERM, 143, "gru")])
+def test_a_signal_stops_training_with_a_resume_command_and_resume_is_exact(
+        corpus, tmp_path, capsys, monkeypatch, signum, status, model):
+    common = ["--data", corpus, "--model", model, "--dropout", "0.25", "--max-steps", "50",
+              "--eval-every", "20", *TINY]
+    assert main(["train", "--out", str(tmp_path / "a"), *common]) == 0
+
+    stop_after = 27  # not an evaluation step (every 20), mid-epoch
+    lr_at = optim.lr_at
+
+    def lr_at_then_signal(step, *args):
+        if step == stop_after - 1:  # as update number stop_after begins
+            assert signal.getsignal(signum) not in (signal.default_int_handler, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        return lr_at(step, *args)
+
+    monkeypatch.setattr(optim, "lr_at", lr_at_then_signal)
+    out_b = str(tmp_path / "b")
+    assert main(["train", "--out", out_b, *common]) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"resume with: nanolstm train --resume {out_b}" in err
+    _, meta = checkpoint.load(os.path.join(out_b, "last.ckpt"))
+    assert meta["step"] == stop_after
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are restored
+
+    monkeypatch.setattr(optim, "lr_at", lr_at)
+    assert main(["train", "--resume", out_b]) == 0
+    a, meta_a = checkpoint.load(os.path.join(tmp_path, "a", "last.ckpt"))
+    b, meta_b = checkpoint.load(os.path.join(out_b, "last.ckpt"))
+    assert meta_a["step"] == meta_b["step"] == 50
+    assert sorted(a) == sorted(b) and any(k.startswith("carry.") for k in a)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def test_help_in_process(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "--hidden-size" in capsys.readouterr().out
+    assert main(["sample", "--help"]) == 0
+    assert "--top-p" in capsys.readouterr().out
+
+
+def test_python_dash_m_nanolstm_help():
+    done = subprocess.run([sys.executable, "-m", "nanolstm", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "train" in done.stdout and "sample" in done.stdout
+    assert done.stderr == ""

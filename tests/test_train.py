@@ -1,0 +1,170 @@
+"""End to end through the Python API: the trainer learns, overfits a tiny text, writes a complete run
+folder, and a run that is stopped and resumed ends with the same bytes as one that never stopped."""
+
+import json
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from nanolstm import LanguageModel, TrainConfig, checkpoint
+from nanolstm.data import Batches
+from nanolstm.train import Interrupted, load_data, train
+
+METRIC_KEYS = {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
+
+ADJ = "big small red green old young quiet loud".split()
+NOUN = "cat dog bird fox horse mouse child farmer".split()
+VERB = "sees chases likes follows finds hears".split()
+PREP = "near under behind beside".split()
+PLACE = "tree house river barn hill road".split()
+
+
+def english(n_chars, seed=0):
+    """Deterministic English-like prose from a small grammar, about n_chars characters long."""
+    rng = np.random.default_rng(seed)
+
+    def pick(words):
+        return words[rng.integers(len(words))]
+
+    lines, n = [], 0
+    while n < n_chars:
+        line = (f"The {pick(ADJ)} {pick(NOUN)} {pick(VERB)} the {pick(NOUN)} "
+                f"{pick(PREP)} the {pick(PLACE)}.")
+        lines.append(line)
+        n += len(line) + 1
+    return "\n".join(lines) + "\n"
+
+
+def tiny(tmp_path, text, **overrides):
+    """A TrainConfig for a tiny, quick model on text written to tmp_path/corpus.txt."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(text, encoding="utf-8")
+    options = dict(data=str(data), out=str(tmp_path / "out"), num_layers=1, hidden_size=32,
+                   embedding_size=16, batch_size=8, seq_length=16, lr=1e-2, eval_every=50,
+                   sample_length=0, plot=False, quiet=True)
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def read_metrics(out, timings=True):
+    """The records of out/metrics.jsonl; without the wall-clock fields if timings is False."""
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    if not timings:
+        records = [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in records]
+    return records
+
+
+def assert_same_checkpoint(path_a, path_b):
+    arrays_a, meta_a = checkpoint.load(path_a)
+    arrays_b, meta_b = checkpoint.load(path_b)
+    assert sorted(arrays_a) == sorted(arrays_b)
+    assert any(k.startswith("optim.") for k in arrays_a) and any(k.startswith("carry.") for k in arrays_a)
+    for name in arrays_a:
+        assert arrays_a[name].dtype == arrays_b[name].dtype, name
+        assert np.array_equal(arrays_a[name], arrays_b[name]), f"{name} differs after resume"
+    assert meta_a["step"] == meta_b["step"]
+    assert meta_a["rng"] == meta_b["rng"]
+    assert meta_a["optimizer"] == meta_b["optimizer"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_validation_loss_falls_and_the_run_folder_is_complete(tmp_path):
+    config = tiny(tmp_path, english(6000), hidden_size=48, max_steps=300, plot=True)
+    result = train(config)
+
+    history = read_metrics(config.out)
+    assert [r["step"] for r in history] == [50, 100, 150, 200, 250, 300]
+    for r in history:
+        assert METRIC_KEYS | {"val_bpc"} <= set(r), sorted(r)
+        assert "val_ppl" not in r
+        assert r["tokens"] == r["step"] * config.batch_size * config.seq_length
+        assert math.isclose(r["val_bpc"], r["val_loss"] / math.log(2))
+        assert r["lr"] == config.lr and r["tokens_per_s"] > 0 and r["elapsed_s"] > 0
+    first, last = history[0]["val_loss"], history[-1]["val_loss"]
+    assert last < first - 0.5, (first, last)
+    assert last < 1.6  # the grammar has little entropy; a unigram model would be near 2.9 nats
+    assert result.step == 300 and result.val_loss == last
+    assert result.best_val_loss == min(r["val_loss"] for r in history)
+
+    files = set(os.listdir(config.out))
+    assert {"last.ckpt", "best.ckpt", "metrics.jsonl", "loss.png"} <= files
+    assert not [f for f in files if "tmp" in f], files  # no temporary file left behind
+    with open(os.path.join(config.out, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    _, best_meta = checkpoint.load(os.path.join(config.out, "best.ckpt"))
+    assert best_meta["best_val_loss"] == result.best_val_loss
+    _, last_meta = checkpoint.load(os.path.join(config.out, "last.ckpt"))
+    assert last_meta["step"] == 300
+
+
+def test_a_tiny_text_is_overfitted_to_near_zero_loss(tmp_path):
+    text = "The quick brown fox jumps over the lazy dog, and the dog sleeps on.\n" \
+           "Pack my box with five dozen liquor jugs!\n"
+    config = tiny(tmp_path, text, val_frac=0.0, hidden_size=64, batch_size=2, seq_length=16,
+                  lr=2e-2, max_steps=300, eval_every=25)
+    train(config)
+    history = read_metrics(config.out)
+    assert history[0]["train_loss"] > 1.0
+    assert history[-1]["train_loss"] < 0.05, [round(r["train_loss"], 4) for r in history]
+    # the memorised text comes back, character for character, when primed with its start
+    model = LanguageModel.load(os.path.join(config.out, "last.ckpt"))
+    assert model.generate(prime="The quick", length=20, argmax=True)[0] == text[9:29]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop and resume
+
+
+RESUME = dict(num_layers=2, dropout=0.3, max_steps=60, eval_every=25)
+
+
+def run_uninterrupted(tmp_path, **overrides):
+    config = tiny(tmp_path / "a", english(3000), **{**RESUME, **overrides})
+    train(config)
+    return config
+
+
+def test_resume_after_sigint_is_bit_identical(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = run_uninterrupted(tmp_path)
+    b = tiny(tmp_path / "b", english(3000), **RESUME, quiet=False)  # quiet would drop the step lines
+    stop_at = 30  # not an evaluation step (every 25), and in the middle of the second epoch
+
+    def log(line):
+        if line.startswith(f"step {stop_at}/"):
+            # the trainer's handler must be in place, or this would stop pytest itself
+            assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted) as stopped:
+        train(b, log=log)
+    assert stopped.value.signum == signal.SIGINT and stopped.value.step == stop_at
+    arrays, meta = checkpoint.load(os.path.join(b.out, "last.ckpt"))
+    assert meta["step"] == stop_at
+    _, train_ids, _, _ = load_data(b)
+    assert stop_at % len(Batches(train_ids, b.batch_size, b.seq_length)) != 0  # mid-epoch
+    assert any(k.startswith("carry.") and np.abs(v).sum() > 0 for k, v in arrays.items())
+
+    result = train(TrainConfig(resume=b.out, quiet=True))
+    assert result.step == RESUME["max_steps"] and result.out == os.path.abspath(b.out)
+    assert_same_checkpoint(os.path.join(a.out, "last.ckpt"), os.path.join(b.out, "last.ckpt"))
+    # the metrics too, but for the clock: the loss averaged since the last evaluation was carried over
+    assert read_metrics(b.out, timings=False) == read_metrics(a.out, timings=False)
+
+
+def test_a_finished_run_extended_with_resume_is_bit_identical(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = run_uninterrupted(tmp_path, model="gru")
+    b = tiny(tmp_path / "b", english(3000), **{**RESUME, "model": "gru", "max_steps": 33})
+    train(b)
+    train(TrainConfig(resume=os.path.join(b.out, "last.ckpt"), max_steps=RESUME["max_steps"], quiet=True))
+    assert_same_checkpoint(os.path.join(a.out, "last.ckpt"), os.path.join(b.out, "last.ckpt"))
