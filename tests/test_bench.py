@@ -1,0 +1,81 @@
+"""The benchmark runs end to end and writes what it promises. Speed itself is never asserted here:
+`nanolstm bench` prints it."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from nanolstm import bench
+from nanolstm.gradcheck import check_gradients
+
+
+def bench_parser():
+    parser = argparse.ArgumentParser(prog="nanolstm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench.add_parser(sub)
+    return parser
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_quick_run_writes_every_number(tmp_path, capsys):
+    path = tmp_path / "results" / "speed.json"
+    args = bench_parser().parse_args(["bench", "--quick", "--no-torch", "--only", "train,generate",
+                                      "--blas", "default", "--json", str(path)])
+    assert bench.run(args) == 0
+    result = json.loads(path.read_text(encoding="utf-8"))
+    assert result["failures"] == []
+    assert {"cpu", "logical_cpus", "numpy", "numba", "torch"} <= set(result["machine"])
+    assert list(result["environments"]) == ["default"]
+    env = result["environments"]["default"]
+    assert env["env"]["OPENBLAS_CORETYPE"] is None and env["env"]["OPENBLAS_L2_SIZE"] is None
+    assert env["cells"] in ("numba fused", "NumPy reference (numba or nanolstm.fused not available)")
+    assert positive(env["matmul_peak"]["gflops"])
+    assert env["blas"] and {"internal_api", "version", "architecture", "num_threads"} <= set(env["blas"][0])
+
+    assert sorted(env["train"]) == ["gru_a", "lstm_a"]  # --quick runs configuration a only
+    for name, entry in env["train"].items():
+        ours = entry["ours"]
+        for key in ("tokens_per_s", "gflops", "share_of_peak", "peak_rss_mb", "median_step_s"):
+            assert positive(ours[key]), (name, key)
+        assert isinstance(ours["fused"], bool)
+        assert "torch" not in entry and entry["ours_over_torch"] is None
+        c = entry["config"]
+        assert entry["flops_per_token"] == bench.train_flops_per_token(c["model"], c["layers"], c["hidden"])
+
+    assert sorted(env["generate"]) == ["streams_1", "streams_32"]
+    for entry in env["generate"].values():
+        assert positive(entry["ours"]["chars_per_s"]) and positive(entry["ours"]["peak_rss_mb"])
+    assert "baseline" not in env and "data" not in result
+
+    printed = capsys.readouterr().out
+    assert "lstm a" in printed and "gru a" in printed and "generate lstm" in printed
+
+
+def test_only_rejects_unknown_parts():
+    with pytest.raises(SystemExit):
+        bench_parser().parse_args(["bench", "--only", "train,speed"])
+
+
+def test_flops_per_token_counts_every_layer_and_the_decoder():
+    # layer 0 reads the embedding (64), layer 1 the hidden state; times 3 for training; decoder 6*H*V
+    assert bench.train_flops_per_token("lstm", 1, 128) == 3 * 2 * (64 + 128) * 4 * 128 + 6 * 128 * 84
+    assert bench.train_flops_per_token("gru", 2, 256) == (3 * 2 * (64 + 256) * 3 * 256
+                                                          + 3 * 2 * (256 + 256) * 3 * 256 + 6 * 256 * 84)
+
+
+def test_tutorial_baseline_computes_true_gradients():
+    # the baseline must be a real LSTM, or "n times faster" compares against nothing
+    model = bench.TutorialLSTM(vocab_size=5, hidden_size=3, seed=0)
+    rng = np.random.default_rng(1)
+    for p in model.p.values():
+        p[...] = rng.standard_normal(p.shape) * 0.5
+    inputs, targets = [0, 3, 1, 4], [3, 1, 4, 2]
+    h0, c0 = rng.standard_normal((3, 1)), rng.standard_normal((3, 1))
+    _, grads, _, _ = model.loss_and_grads(inputs, targets, h0, c0)
+    errors = check_gradients(lambda: model.loss_and_grads(inputs, targets, h0, c0)[0], model.p, grads)
+    assert max(errors.values()) < 1e-6, errors
