@@ -8,10 +8,12 @@ Shapes: T time steps, N batch, D input features, H hidden units, V vocabulary, G
 
 The recurrent layers split each time step in two: one matrix product `h @ W_hh.T` and the gate
 arithmetic around it, the "cell". The cells below are the readable NumPy reference; `nanolstm.fused`
-replaces them by compiled kernels of the same signature when numba is installed (see `use_numba`).
+replaces them by compiled kernels of the same signature whenever numba is installed (`use_numba`).
 Everything that does not depend on the previous step (the input products of all T steps, the weight
 gradients of all T steps) is one large matrix product outside the time loop.
 """
+
+import os
 
 import numpy as np
 
@@ -173,7 +175,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    cell_forward = _cells["lstm"][0]
+    cell_forward = _cell("lstm", x.dtype)[0]
     # the input side of every step at once: one (T*N, D) x (D, 4H) product
     a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, 4 * H)  # (T, N, 4H)
     a += b_ih + b_hh
@@ -196,7 +198,7 @@ def lstm_backward(dout, dh_T, dc_T, cache):
     x, hs, cs, tanh_cs, a, w_ih, w_hh = cache
     T, N, D = x.shape
     H = w_hh.shape[1]
-    cell_backward = _cells["lstm"][1]
+    cell_backward = _cell("lstm", x.dtype)[1]
     da = np.empty_like(a)  # (T, N, 4H)
     dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
     dc = np.array(dc_T, x.dtype)
@@ -268,7 +270,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    cell_forward = _cells["gru"][0]
+    cell_forward = _cell("gru", x.dtype)[0]
     a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, 3 * H)  # (T, N, 3H)
     a += b_ih
     a[:, :, : 2 * H] += b_hh[: 2 * H]  # b_hn cannot be folded in: it is multiplied by r
@@ -289,7 +291,7 @@ def gru_backward(dout, dh_T, cache):
     x, hs, hns, a, w_ih, w_hh = cache
     T, N, D = x.shape
     H = w_hh.shape[1]
-    cell_backward = _cells["gru"][1]
+    cell_backward = _cell("gru", x.dtype)[1]
     dxa = np.empty_like(a)  # (T, N, 3H)
     dha = np.empty_like(a)  # (T, N, 3H)
     dh = np.array(dh_T, x.dtype)
@@ -364,7 +366,7 @@ def lstm_step(a, h, c, w_hh):
     """a (N, 4H), consumed; h, c (N, H) -> h, c of the next step (new arrays)."""
     a += h @ w_hh.T
     h_new, c_new, tanh_c = np.empty_like(h), np.empty_like(c), np.empty_like(c)
-    _cells["lstm"][0](a, c, c_new, h_new, tanh_c)
+    _cell("lstm", a.dtype)[0](a, c, c_new, h_new, tanh_c)
     return h_new, c_new
 
 
@@ -372,7 +374,7 @@ def gru_step(a, h, w_hh, b_hh):
     """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H) -> next h."""
     H = h.shape[1]
     h_new, hn = np.empty_like(h), np.empty_like(h)
-    _cells["gru"][0](a, h @ w_hh.T, b_hh[2 * H :], h, h_new, hn)
+    _cell("gru", a.dtype)[0](a, h @ w_hh.T, b_hh[2 * H :], h, h_new, hn)
     return h_new
 
 
@@ -392,6 +394,13 @@ _reference_cells = {
 _cells = dict(_reference_cells)
 
 
+def _cell(kind, dtype):
+    """The (forward, backward) cells for kind; the compiled ones know float32 and float64 only."""
+    if dtype not in (np.float32, np.float64):
+        return _reference_cells[kind]
+    return _cells[kind]
+
+
 def use_numba(enable=True):
     """Switch the cell kernels to numba's compiled ones (True) or the NumPy reference (False).
 
@@ -407,3 +416,7 @@ def use_numba(enable=True):
     if not enable:
         _cells.update(_reference_cells)
     return enable
+
+
+# compiled cells by default wherever numba is installed; NANOLSTM_NUMBA=0 keeps the NumPy reference
+use_numba(os.environ.get("NANOLSTM_NUMBA", "1") != "0")

@@ -1,0 +1,190 @@
+"""The compiled cells of nanolstm.fused against the NumPy reference cells of nanolstm.functional:
+every output and every array a cell overwrites, one cell at a time and through whole layers."""
+
+import numpy as np
+import pytest
+
+import nanolstm as nl
+from nanolstm import functional as F
+from nanolstm.gradcheck import rel_error
+
+pytest.importorskip("numba", reason="the compiled cells need numba (pip install numba)")
+from nanolstm import fused  # noqa: E402  (importable only with numba)
+
+# float32 agrees to rounding, not bit for bit: fused.py computes exp and tanh its own way, within
+# an ulp or two of NumPy's. Measured worst cases: 4e-7 for one cell (200 random draws); 1.9e-6 for a
+# 2-layer LSTM's weight gradient over 60 seeds, where the float32 reference itself is 4.3e-6 away
+# from float64. So 1e-6 holds for the seeds below but is no margin to add more against.
+TOL = {np.float32: 1e-6, np.float64: 1e-12}
+SHAPES = [(1, 1), (1, 5), (4, 1), (3, 7), (16, 33)]  # (N, H)
+
+
+@pytest.fixture
+def restore_cells():
+    """Put back whichever cells the sequence functions used before the test."""
+    saved = dict(F._cells)
+    yield
+    F._cells.clear()
+    F._cells.update(saved)
+
+
+def extreme_mask(rng, shape, kind):
+    """Where pre-activations are +-1e4 rather than a few units: nowhere, everywhere, or at random."""
+    return {"normal": np.zeros(shape, bool), "extreme": np.ones(shape, bool),
+            "mixed": rng.random(shape) < 0.5}[kind]
+
+
+def pre_activations(rng, extreme, dtype):
+    normal = 3 * rng.standard_normal(extreme.shape)
+    return np.where(extreme, 1e4 * rng.choice([-1.0, 1.0], extreme.shape), normal).astype(dtype)
+
+
+def lstm_step(rng, N, H, kind, dtype):
+    """Arguments for the forward cell, and for the backward cell as the reference forward leaves them."""
+    a = pre_activations(rng, extreme_mask(rng, (N, 4 * H), kind), dtype)
+    c_prev = rng.standard_normal((N, H)).astype(dtype)
+    out = np.full((N, H), np.nan, dtype)  # NaN shows any entry a cell fails to write
+    fwd = [a, c_prev, out, out.copy(), out.copy()]
+    a_act, _, _, _, tanh_c = called(F.lstm_cell_forward, fwd)
+    dh, dc = (rng.standard_normal((N, H)).astype(dtype) for _ in range(2))
+    bwd = [dh, dc, a_act, c_prev, tanh_c, np.full((N, 4 * H), np.nan, dtype)]
+    return fwd, bwd
+
+
+def gru_step(rng, N, H, kind, dtype):
+    # In "mixed", hw is extreme where a is not. a_n + r * hn with both at +-1e4 and opposite signs
+    # leaves a few units out of two 1e4s, where one ulp of r moves the result by 1e-3: no two float32
+    # cells can agree there, and the test would check luck, not the cells.
+    extreme = extreme_mask(rng, (N, 3 * H), kind)
+    a = pre_activations(rng, extreme, dtype)
+    hw = pre_activations(rng, ~extreme if kind == "mixed" else extreme, dtype)
+    b_hn = rng.standard_normal(3 * H).astype(dtype)[2 * H :]  # a slice, as gru_forward passes it
+    h_prev = rng.standard_normal((N, H)).astype(dtype)
+    out = np.full((N, H), np.nan, dtype)
+    fwd = [a, hw, b_hn, h_prev, out, out.copy()]
+    a_act, _, _, _, _, hn = called(F.gru_cell_forward, fwd)
+    dh = rng.standard_normal((N, H)).astype(dtype)
+    nan = np.full((N, 3 * H), np.nan, dtype)
+    bwd = [dh, a_act, hn, h_prev, nan, nan.copy()]
+    return fwd, bwd
+
+
+STEPS = {  # the argument builder, and the names of the arguments of forward and of backward
+    "lstm": (lstm_step, ("a", "c_prev", "c", "h", "tanh_c"),
+             ("dh", "dc", "a", "c_prev", "tanh_c", "da")),
+    "gru": (gru_step, ("a", "hw", "b_hn", "h_prev", "h", "hn"),
+            ("dh", "a", "hn", "h_prev", "dxa", "dha")),
+}
+
+
+def called(cell, args):
+    """Copies of args after cell(*args): the arrays it wrote and the ones it should have left alone."""
+    out = [x.copy() for x in args]
+    cell(*out)
+    return out
+
+
+def assert_all_close(expected, actual, dtype, names):
+    for name, e, a in zip(names, expected, actual):
+        assert a.dtype == dtype, name
+        assert np.all(np.isfinite(a)), name
+        assert rel_error(a, e) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["normal", "extreme", "mixed"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cells_match_reference(cell, kind, dtype):
+    make_step, fwd_names, bwd_names = STEPS[cell]
+    rng = np.random.default_rng(0)
+    for N, H in SHAPES:
+        steps = zip(make_step(rng, N, H, kind, dtype), (fwd_names, bwd_names), ("forward", "backward"))
+        for i, (args, names, way) in enumerate(steps):
+            expected = called(F._reference_cells[cell][i], args)
+            actual = called(fused.cells[cell][i], args)
+            assert_all_close(expected, actual, dtype, [f"{cell} {way} N={N} H={H}: {n}" for n in names])
+
+
+def strided(x):
+    """x as a view whose last axis has a stride of two elements."""
+    wide = np.full(x.shape[:-1] + (2 * x.shape[-1],), np.nan, x.dtype)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cells_take_strided_arrays(cell):
+    """Any strides work, not only the contiguous rows that functional.py passes."""
+    make_step, fwd_names, bwd_names = STEPS[cell]
+    rng = np.random.default_rng(7)
+    steps = zip(make_step(rng, 3, 5, "mixed", np.float32), (fwd_names, bwd_names))
+    for i, (args, names) in enumerate(steps):
+        expected = called(F._reference_cells[cell][i], args)
+        actual = [strided(x) for x in args]
+        fused.cells[cell][i](*actual)
+        assert_all_close(expected, actual, np.float32, names)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_nan_goes_through(cell, dtype):
+    """A NaN pre-activation in any gate makes NaN wherever it does in the reference: a diverging
+    model must not be hidden by an exp that turns NaN into a number."""
+    make_step, fwd_names, _ = STEPS[cell]
+    H = 4
+    fwd, _ = make_step(np.random.default_rng(3), 2, H, "normal", dtype)
+    fwd[0][0, ::H] = np.nan  # a: unit 0 of every gate block, in row 0
+    expected = called(F._reference_cells[cell][0], fwd)
+    actual = called(fused.cells[cell][0], fwd)
+    assert np.isnan(expected[fwd_names.index("h")]).any()
+    for name, e, a in zip(fwd_names, expected, actual):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(e), err_msg=name)
+
+
+def forward_backward(layer, x, state, dout, dstate):
+    layer.zero_grad()
+    out, final = layer.forward(x, state)
+    dx, dstate0 = layer.backward(dout, dstate)
+    return {"out": out, "final": final, "dx": dx, "dstate0": dstate0,
+            **{f"grad {k}": v.copy() for k, v in layer.named_grads().items()}}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("seed", range(3))
+def test_layers_match_with_and_without_numba(kind, dtype, seed, restore_cells):
+    rng = np.random.default_rng(seed)
+    T, N, D, H, L = (int(v) for v in rng.integers([3, 1, 1, 1, 2], [7, 6, 9, 9, 3]))
+    layer = getattr(nl, kind)(D, H, num_layers=L, dtype=dtype, rng=rng)
+    n_parts = 2 if kind == "LSTM" else 1
+
+    def state():
+        parts = tuple(rng.standard_normal((L, N, H)).astype(dtype) for _ in range(n_parts))
+        return parts if kind == "LSTM" else parts[0]
+
+    x = rng.standard_normal((T, N, D)).astype(dtype)
+    dout = rng.standard_normal((T, N, H)).astype(dtype)
+    h0, dfinal = state(), state()
+
+    assert nl.use_numba(True)
+    assert F._cells == fused.cells
+    ours = forward_backward(layer, x, h0, dout, dfinal)
+    assert not nl.use_numba(False)
+    assert F._cells == F._reference_cells
+    theirs = forward_backward(layer, x, h0, dout, dfinal)
+
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        both = (ours[name], theirs[name])
+        for a, b in zip(*both) if isinstance(theirs[name], tuple) else [both]:
+            assert a.dtype == dtype, name
+            assert rel_error(a, b) < TOL[dtype], name
+
+
+def test_other_dtypes_fall_back_to_the_reference_cells(restore_cells):
+    """The compiled cells know float32 and float64; a float16 layer still runs, on the NumPy cells."""
+    nl.use_numba(True)
+    layer = nl.LSTM(3, 4, dtype=np.float16)
+    out, _ = layer.forward(np.ones((2, 1, 3)))
+    dx, _ = layer.backward(np.ones_like(out))
+    assert out.dtype == np.float16 and dx.dtype == np.float16 and np.all(np.isfinite(out))
