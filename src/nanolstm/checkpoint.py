@@ -22,12 +22,14 @@ import json
 import math
 import os
 import struct
+import sys
+import time
 
 import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "save", "load"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "save", "load", "pause_for_test"]
 
 MAGIC = b"NANOLSTM"
 FORMAT_VERSION = 1
@@ -44,6 +46,19 @@ ALLOWED_DTYPES = frozenset(
 # Test hook: when set to a byte count, the writer fails with "No space left on device" after
 # writing that many bytes, as a full disk would.
 _fault_after_bytes = None
+
+
+def pause_for_test(stage):
+    """Test hook, off unless the environment holds NANOLSTM_TEST_PAUSE=<stage>:<seconds>.
+
+    At that stage ("write": half-way through every checkpoint write; "evaluate", "preview": as the
+    trainer starts one), print "nanolstm test pause: <stage>" to stderr and sleep, so that a test can
+    send a signal or kill -9 at a known moment instead of at a lucky one.
+    """
+    hook = os.environ.get("NANOLSTM_TEST_PAUSE")
+    if hook and hook.partition(":")[0] == stage:
+        print(f"nanolstm test pause: {stage}", file=sys.stderr, flush=True)
+        time.sleep(float(hook.partition(":")[2] or 1))
 
 
 def _padding(n):
@@ -87,7 +102,10 @@ def save(path, arrays, meta):
             writer = _HashingWriter(f)
             writer.write(_PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(header)))
             writer.write(header)
-            for blob in blobs:
+            for i, blob in enumerate(blobs):
+                if i == len(blobs) // 2 and os.environ.get("NANOLSTM_TEST_PAUSE"):
+                    f.flush()  # so that the half-written file is on disk while the test looks
+                    pause_for_test("write")
                 writer.write(blob)
                 writer.write(bytes(_padding(blob.nbytes)))
             writer.write(writer.sha.digest())  # the hash of every byte before it
@@ -99,7 +117,7 @@ def save(path, arrays, meta):
         # Interrupted or failed: drop the partial file; whatever was at path is untouched.
         try:
             os.remove(tmp)
-        except FileNotFoundError:
+        except OSError:  # never made, or the folder will not let it go (read-only, removed, immutable)
             pass
         if isinstance(e, OSError):
             raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}; "

@@ -1,4 +1,4 @@
-"""The command line: `nanolstm train` and `nanolstm sample`, thin over the library.
+"""The command line: `nanolstm train`, `nanolstm sample` and `nanolstm bench`, thin over the library.
 
 `main(argv)` returns the exit status, so tests drive the command line in-process. Bad input gets one
 line on stderr and status 2; a run stopped by a signal, 128 + the signal's number.
@@ -87,6 +87,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _train_parser(sub)
     _sample_parser(sub)
+    from nanolstm import bench
+
+    bench.add_parser(sub)
     return parser
 
 
@@ -125,8 +128,7 @@ def run_sample(args):
         stream_to_stdout("\n")
         return 0
     for i, text in enumerate(model.generate(**kwargs, num_samples=args.num_samples)):
-        print(f"---- sample {i + 1} ----")
-        print(args.prime + text)
+        stream_to_stdout(f"---- sample {i + 1} ----\n{args.prime}{text}\n")
     return 0
 
 
@@ -136,6 +138,10 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         if args.command == "train":
             return run_train(args)
+        if args.command == "bench":
+            from nanolstm import bench
+
+            return bench.run(args)
         return run_sample(args)
     except NanolstmError as e:
         print(f"nanolstm: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
@@ -143,6 +149,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("\nnanolstm: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("nanolstm: error: out of memory; use a smaller model, batch, corpus or --length", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # the reader of our output went away (| head): nothing more to say
         sys.stderr.close()
         return 0

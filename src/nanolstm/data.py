@@ -9,6 +9,7 @@ batch k, which is what lets the trainer carry the hidden state from one batch to
 """
 
 import codecs
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -289,9 +290,10 @@ def split_ids(ids, val_frac):
         raise DataError(f"validation fraction is {val_frac}; it must be in [0, 1)")
     n_val = int(len(ids) * val_frac)
     if val_frac > 0 and n_val < 2:
-        need = int(np.ceil(2 / val_frac))
-        raise DataError(f"corpus too small for a validation split: {len(ids)} tokens, need at least "
-                        f"{need} for a validation fraction of {val_frac}; use a larger corpus or "
+        need = 2 / val_frac  # infinite for a fraction as small as 1e-320
+        need = f"at least {math.ceil(need)}" if math.isfinite(need) else "more than any corpus has"
+        raise DataError(f"corpus too small for a validation split: {len(ids)} tokens, need {need} "
+                        f"for a validation fraction of {val_frac}; use a larger corpus or "
                         "a larger validation fraction")
     cut = len(ids) - n_val
     return ids[:cut], ids[cut:]

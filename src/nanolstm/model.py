@@ -16,6 +16,7 @@ from nanolstm.nn import GRU, LSTM, RNN, Dropout, Embedding, Linear, Module
 from nanolstm.sample import check_sampling, next_tokens
 
 RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # G: gate blocks per hidden unit
 
 
 @dataclasses.dataclass
@@ -36,8 +37,25 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise NanolstmError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        if not 0 <= self.dropout < 1:
-            raise NanolstmError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+                and 0 <= self.dropout < 1):
+            raise NanolstmError(f"dropout must be in [0, 1), got {self.dropout!r}")
+
+    def num_parameters(self):
+        """The parameter count, by arithmetic alone: it sizes a model before any array is made."""
+        G, H, E, V = GATES[self.model], self.hidden_size, self.embedding_size, self.vocab_size
+        return V * E + G * H * (E + H + 2) + (self.num_layers - 1) * G * H * (2 * H + 2) + H * V + V
+
+    def parameter_shapes(self):
+        """Every parameter's shape under its state_dict name, without making the arrays."""
+        G, H, E, V = GATES[self.model], self.hidden_size, self.embedding_size, self.vocab_size
+        shapes = {"embedding.weight": (V, E)}
+        for layer in range(self.num_layers):
+            shapes.update({f"rnn.weight_ih_l{layer}": (G * H, E if layer == 0 else H),
+                           f"rnn.weight_hh_l{layer}": (G * H, H),
+                           f"rnn.bias_ih_l{layer}": (G * H,), f"rnn.bias_hh_l{layer}": (G * H,)})
+        shapes.update({"decoder.weight": (V, H), "decoder.bias": (V,)})
+        return shapes
 
 
 class LanguageModel(Module):
@@ -135,6 +153,8 @@ class LanguageModel(Module):
         check_sampling(temperature, top_k, top_p, len(vocab))
         if length < 0 or num_samples < 1:
             raise NanolstmError("--length must be >= 0 and --num-samples >= 1")
+        if seed is not None and not (isinstance(seed, (int, np.integer)) and seed >= 0):
+            raise NanolstmError(f"--seed must be an integer >= 0, got {seed!r}")
         if unknown not in ("error", "skip"):
             raise NanolstmError(f"unknown must be 'error' or 'skip', got {unknown!r}")
         # unknown words have <unk>; unknown characters have nothing to stand for them
@@ -190,12 +210,21 @@ class LanguageModel(Module):
 
     @classmethod
     def from_checkpoint_parts(cls, arrays, meta, where="checkpoint"):
+        """The model that arrays and meta describe. The configuration is checked against the arrays
+        before anything is built, so forged sizes cannot make a model larger than the file."""
         try:
             config = ModelConfig(**meta["model_config"])
             config.validate()
             vocab = Vocab.from_json(meta["vocab"]) if meta.get("vocab") is not None else None
-            model = cls(config, vocab, dtype=np.dtype(meta.get("dtype", "float32")))
-            model.load_state_dict({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
+            dtype = meta.get("dtype", "float32")
+            if dtype not in ("float32", "float64"):
+                raise ValueError(f"dtype {dtype!r} is not float32 or float64")
+            weights = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+            check_fits(config, weights)
+            if not all(np.isfinite(v).all() for v in weights.values()):
+                raise ValueError("the weights are not all finite")
+            model = cls(config, vocab, dtype=np.dtype(dtype))
+            model.load_state_dict(weights)
         except (KeyError, TypeError, ValueError, NanolstmError) as e:
             raise CheckpointError(f"{where}: not a valid nanolstm model ({str(e).splitlines()[0]})") from None
         if vocab is not None and len(vocab) != config.vocab_size:
@@ -213,6 +242,26 @@ class LanguageModel(Module):
         return cls.from_checkpoint_parts(arrays, meta, where=str(path))
 
 
+def check_fits(config, weights):
+    """Raise ValueError unless weights (state_dict name -> array) has exactly config's shapes.
+
+    Counts first: a forged num_layers of 10**9 is refused without listing 10**9 layers."""
+    if 4 * config.num_layers + 3 != len(weights):
+        raise ValueError(f"{len(weights)} weight arrays, where {config.num_layers} layers have "
+                         f"{4 * config.num_layers + 3}")
+    total = sum(np.size(v) for v in weights.values())
+    if config.num_parameters() != total:
+        raise ValueError(f"{total:,} weights, where the configuration has {config.num_parameters():,}")
+    shapes = config.parameter_shapes()
+    wrong = [k for k in shapes if k not in weights or np.shape(weights[k]) != shapes[k]]
+    if wrong:
+        raise ValueError(f"the arrays do not fit the configuration: {', '.join(wrong[:3])}")
+
+
 def stream_to_stdout(text):
-    sys.stdout.write(text)
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:  # a lone surrogate from the command line, or a terminal without the glyph
+        enc = sys.stdout.encoding or "utf-8"
+        sys.stdout.write(text.encode(enc, "backslashreplace").decode(enc))
     sys.stdout.flush()

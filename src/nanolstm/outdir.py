@@ -3,8 +3,13 @@
 import errno
 import fcntl
 import os
+import re
 
 from nanolstm.errors import NanolstmError
+
+# The temporary names under which write_atomic, checkpoint.save and the plot write a trainer's files
+# before renaming them into place; a trainer killed mid-write leaves one behind.
+_TEMPORARY = re.compile(r"\.(last\.ckpt|best\.ckpt|metrics\.jsonl)\.tmp-\d+|\.loss\.png\.tmp")
 
 
 def write_atomic(path, text):
@@ -17,8 +22,10 @@ def write_atomic(path, text):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:  # never made, or the folder will not let it go: the next trainer's lock will
+            pass
         raise NanolstmError(f"cannot write {path}: {e.strerror}; check free space and permissions") from None
 
 
@@ -27,7 +34,8 @@ class OutputLock:
 
     The lock is an flock on `folder/.lock`, which the kernel releases when the process ends however
     it ends, so a killed trainer never leaves a stale lock behind. The file holds the owner's pid so
-    that a refused trainer can say who holds it.
+    that a refused trainer can say who holds it. Taking the lock removes the half-written temporary
+    files a killed trainer left: no one else writes them while we hold it.
     """
 
     def __init__(self, folder):
@@ -52,6 +60,13 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
+        folder = os.path.dirname(self.path) or "."
+        for name in os.listdir(folder):
+            if _TEMPORARY.fullmatch(name):
+                try:
+                    os.remove(os.path.join(folder, name))
+                except OSError:  # a folder that lets nothing go will fail the first write, and say so
+                    pass
         return self
 
     def __exit__(self, *exc):

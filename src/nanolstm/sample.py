@@ -32,7 +32,9 @@ def next_tokens(logits, rng, temperature=1.0, top_k=None, top_p=None, argmax=Fal
     logits = np.asarray(logits, np.float64)
     if argmax:
         return logits.argmax(axis=-1)
-    z = logits / temperature
+    # shifted first, so that an extreme logit or temperature gives -inf (probability 0), never inf - inf
+    with np.errstate(over="ignore"):
+        z = (logits - logits.max(axis=-1, keepdims=True)) / temperature
     N, V = z.shape
     if top_k is not None and top_k < V:
         kth = np.partition(z, V - top_k, axis=-1)[:, V - top_k : V - top_k + 1]  # (N, 1)

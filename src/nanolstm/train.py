@@ -22,7 +22,7 @@ from nanolstm import checkpoint, optim
 from nanolstm.data import Batches, Vocab, default_corpus, encode_chars, read_corpus, split_ids
 from nanolstm.errors import CheckpointError, NanolstmError
 from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
-from nanolstm.model import LanguageModel, ModelConfig
+from nanolstm.model import LanguageModel, ModelConfig, check_fits
 from nanolstm.outdir import OutputLock, write_atomic
 
 
@@ -64,36 +64,59 @@ class TrainConfig:
     resume: str = None  # a checkpoint, or a folder holding last.ckpt
 
     def validate(self):
-        positive = ("num_layers", "hidden_size", "embedding_size", "batch_size", "seq_length",
-                    "eval_every", "min_count")
-        for name in positive:
+        """Raise NanolstmError, one line, for any option that is not of its kind and range. The values
+        may come from a checkpoint's JSON, so no type is taken for granted."""
+
+        def flag(name):
+            return "--" + name.replace("_", "-")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_real(v):  # NaN and infinity are never a sensible setting
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("num_layers", "hidden_size", "embedding_size", "batch_size", "seq_length",
+                     "eval_every", "min_count", "lr_step_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise NanolstmError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+            if not is_int(v) or v < 1:
+                raise NanolstmError(f"{flag(name)} must be a positive integer, got {v!r}")
+        for name in ("warmup", "sample_length", "seed"):
+            v = getattr(self, name)
+            if not is_int(v) or v < 0:
+                raise NanolstmError(f"{flag(name)} must be an integer >= 0, got {v!r}")
         choices = {"level": ("char", "word"), "model": ("lstm", "gru", "rnn"),
                    "optimizer": tuple(optim.OPTIMIZERS), "lr_schedule": ("constant", "step", "cosine"),
                    "on_nan": ("stop", "skip"), "dtype": ("float32", "float64")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise NanolstmError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                raise NanolstmError(f"{flag(name)} must be one of {', '.join(allowed)}, "
                                     f"got {getattr(self, name)!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if not (is_real(self.lr) and self.lr > 0):
             raise NanolstmError(f"--lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.dropout < 1:
-            raise NanolstmError(f"--dropout must be in [0, 1), got {self.dropout!r}")
-        if not 0 <= self.val_frac < 1:
-            raise NanolstmError(f"--val-frac must be in [0, 1), got {self.val_frac!r}")
-        if self.max_steps is not None and self.max_steps < 1:
+        for name in ("dropout", "val_frac"):
+            v = getattr(self, name)
+            if not (is_real(v) and 0 <= v < 1):
+                raise NanolstmError(f"{flag(name)} must be in [0, 1), got {v!r}")
+        if self.max_steps is not None and not (is_int(self.max_steps) and self.max_steps >= 1):
             raise NanolstmError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
-        if self.epochs is not None and not self.epochs > 0:
+        if self.epochs is not None and not (is_real(self.epochs) and self.epochs > 0):
             raise NanolstmError(f"--epochs must be positive, got {self.epochs!r}")
-        for name in ("grad_clip", "weight_decay", "warmup", "sample_length", "min_lr"):
-            if getattr(self, name) < 0:
-                raise NanolstmError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
-        if self.grad_clip_value is not None and not self.grad_clip_value > 0:
-            raise NanolstmError(f"--grad-clip-value must be positive, got {self.grad_clip_value!r}")
-        if self.lr_step_size < 1:
-            raise NanolstmError(f"--lr-step-size must be a positive integer, got {self.lr_step_size!r}")
+        for name in ("grad_clip", "weight_decay", "min_lr"):
+            v = getattr(self, name)
+            if not (is_real(v) and v >= 0):
+                raise NanolstmError(f"{flag(name)} must be a number >= 0, got {v!r}")
+        for name in ("lr_gamma", "grad_clip_value"):
+            v = getattr(self, name)
+            if not (is_real(v) and v > 0) and not (name == "grad_clip_value" and v is None):
+                raise NanolstmError(f"{flag(name)} must be a positive number, got {v!r}")
+        for name in ("data", "resume"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise NanolstmError(f"{flag(name)} must be a path, got {getattr(self, name)!r}")
+        if not (isinstance(self.out, str) and self.out):
+            raise NanolstmError(f"--out must be a folder name, got {self.out!r}")
+        if not (isinstance(self.quiet, bool) and isinstance(self.plot, bool)):
+            raise NanolstmError(f"quiet and plot must be true or false, got {self.quiet!r}, {self.plot!r}")
 
 
 # Options that may differ between a checkpoint and the run that resumes it: they change neither the
@@ -135,10 +158,13 @@ def resolve_checkpoint(path):
 def resumed_config(config):
     """The configuration stored in config.resume's checkpoint, with the options that may change taken
     from config. An option set to something other than its default that disagrees with the checkpoint
-    is refused."""
+    is refused, and so is a checkpoint that lacks anything a resume restores.
+
+    The run resumes into the folder that holds the checkpoint, or into config.out if one was given;
+    never into the folder named inside the checkpoint, which may have been copied from elsewhere."""
     path = resolve_checkpoint(config.resume)
     arrays, meta = checkpoint.load(path)
-    if "train_config" not in meta:
+    if not isinstance(meta.get("train_config"), dict):
         raise CheckpointError(f"{path}: holds a model but no training state; it cannot be resumed")
     saved = dict(meta["train_config"])
     defaults = TrainConfig()
@@ -156,9 +182,42 @@ def resumed_config(config):
     if config.out == defaults.out:  # resume into the checkpoint's own folder unless told otherwise
         saved["out"] = os.path.dirname(os.path.abspath(path))
     try:
-        return TrainConfig(**saved), arrays, meta
-    except TypeError as e:
-        raise CheckpointError(f"{path}: unreadable training configuration ({e})") from None
+        resumed = TrainConfig(**saved)
+        resumed.validate()
+        _check_resumable(resumed, arrays, meta)
+    except (TypeError, ValueError, KeyError, OverflowError, NanolstmError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: cannot be resumed ({type(e).__name__}: {detail}); "
+                              "use another checkpoint") from None
+    return resumed, arrays, meta
+
+
+def _check_resumable(config, arrays, meta):
+    """Raise unless meta and arrays hold everything that _train_locked restores, in the shapes that
+    config implies. A forged or damaged checkpoint fails here, before a model is built for it: forged
+    sizes cannot make the trainer allocate more than the file holds."""
+    vocab = Vocab.from_json(meta["vocab"])
+    if vocab.level != config.level:
+        raise ValueError(f"a {vocab.level} vocabulary for a {config.level} model")
+    model_config = ModelConfig(len(vocab), config.model, config.num_layers, config.hidden_size,
+                               config.embedding_size, config.dropout)
+    check_fits(model_config, {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
+    shapes = model_config.parameter_shapes()
+    for name, v in arrays.items():
+        if name.startswith("optim.") and np.shape(v) != shapes.get(name.split(".", 2)[-1]):
+            raise ValueError(f"optimizer state {name} does not fit the model")
+    carried = sorted(k for k in arrays if k.startswith("carry."))
+    parts = [f"carry.{i}" for i in range(2 if config.model == "lstm" else 1)]  # (h, c) or h
+    state_shape = (config.num_layers, config.batch_size, config.hidden_size)
+    if carried not in ([], parts) or any(arrays[k].shape != state_shape for k in carried):
+        raise ValueError("the carried hidden state does not fit the model")
+    opt = meta["optimizer"]
+    numbers = [meta["best_val_loss"], *meta.get("interval", [0.0, 0, 0])]
+    if not (type(meta["step"]) is int and meta["step"] >= 0 and type(opt["steps"]) is int
+            and len(numbers) == 4 and all(type(v) in (int, float) for v in [opt["lr"], *numbers])
+            and isinstance(meta["corpus_sha256"], str)):
+        raise ValueError("step, optimizer, best_val_loss, interval or corpus_sha256 is malformed")
+    np.random.default_rng().bit_generator.state = meta["rng"]  # raises unless it is a valid state
 
 
 def load_data(config, vocab=None):
@@ -210,17 +269,22 @@ def train(config, log=None):
     """Train a language model as config says; returns a TrainResult. Raises NanolstmError for bad
     input, Diverged for a loss that became NaN, and Interrupted after a signal."""
     meta, arrays = None, None
+    config.validate()
     if config.resume:
         config, arrays, meta = resumed_config(config)
-    config.validate()
     created = not os.path.exists(config.out)
-    os.makedirs(config.out, exist_ok=True)
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as e:
+        raise NanolstmError(f"cannot create the output folder {config.out}: {e.strerror or e}; "
+                            "choose another --out") from None
     try:
         with OutputLock(config.out):
             return _train_locked(config, arrays, meta, log)
     except NanolstmError:
         # bad input found before anything was written: leave no trace of the folder we made for it
-        if created and os.listdir(config.out) == [".lock"]:
+        # (unless the folder itself went away under us)
+        if created and os.path.isdir(config.out) and os.listdir(config.out) == [".lock"]:
             os.remove(os.path.join(config.out, ".lock"))
             os.rmdir(config.out)
         raise
@@ -250,6 +314,7 @@ def _train_locked(config, arrays, meta, log):
     # ---- model and optimizer
     model_config = ModelConfig(len(vocab), config.model, config.num_layers, config.hidden_size,
                                config.embedding_size, config.dropout)
+    _check_memory(model_config, dtype)
     model = LanguageModel(model_config, vocab, seed=config.seed, dtype=dtype)
     params, grads = model.state_dict(), model.named_grads()
     opt_kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
@@ -289,7 +354,7 @@ def _train_locked(config, arrays, meta, log):
                        "corpus_sha256": fingerprint})
         checkpoint.save(path, m_arrays, m_meta)
 
-    history = _read_metrics(metrics_path) if meta else []
+    history = _read_metrics(metrics_path, step) if meta else []
 
     # ---- signals: finish the step under way, then save and stop
     stop = {"signum": None}
@@ -319,6 +384,8 @@ def _train_locked(config, arrays, meta, log):
     # the loss summed since the last evaluation carries over a resume, so the metrics match too
     interval_loss, interval_steps, skipped = meta.get("interval", (0.0, 0, 0)) if meta else (0.0, 0, 0)
     val_loss = history[-1]["val_loss"] if history else math.nan
+    # NumPy's overflow warnings would only repeat, unreadably, what the check of every step reports
+    numpy_errors = np.seterr(over="ignore", invalid="ignore", divide="ignore")
     try:
         while step < max_steps and stop["signum"] is None:
             t0 = time.perf_counter()
@@ -348,10 +415,13 @@ def _train_locked(config, arrays, meta, log):
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 if config.on_nan == "stop":
+                    kept = (f"{last_path} keeps the last good weights" if os.path.exists(last_path)
+                            else "no checkpoint was written")
                     raise Diverged(f"training diverged at step {step + 1}: the {what} is not finite; "
-                                   f"{last_path} keeps the last good weights; lower --lr or pass --on-nan skip")
+                                   f"{kept}; lower --lr or pass --on-nan skip")
                 say(f"step {step + 1}: the {what} is not finite; update skipped")
                 skipped += 1
+                new_state = None  # the state it left may be poisoned too: the streams start afresh
             else:
                 opt.step()
                 interval_loss += loss
@@ -367,6 +437,7 @@ def _train_locked(config, arrays, meta, log):
                                     f"{tokens_per_step * interval_steps / max(t_interval, 1e-9):,.0f} tok/s")
 
             if step % config.eval_every == 0 or step == max_steps:
+                checkpoint.pause_for_test("evaluate")
                 val_loss = evaluate(model, val_ids, config.batch_size, config.seq_length) if len(val_ids) > 1 \
                     else math.nan
                 train_loss = interval_loss / max(1, interval_steps)
@@ -384,14 +455,17 @@ def _train_locked(config, arrays, meta, log):
                 improved = val_loss < best_val
                 if improved:
                     best_val = val_loss
-                save(last_path)
-                if improved:
-                    save(best_path)
+                # last.ckpt last: after a kill -9 between these writes it never claims a step whose
+                # record or best.ckpt is missing; the log may run ahead, and a resume writes it again
                 write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
                 if config.plot:
                     plot_history(history, os.path.join(config.out, "loss.png"), crit_scale)
+                if improved:
+                    save(best_path)
+                save(last_path)
                 say(_log_line(record, max_steps, crit_scale))
                 if config.sample_length and stop["signum"] is None:
+                    checkpoint.pause_for_test("preview")
                     preview = model.generate(length=config.sample_length, temperature=0.8, seed=step)[0]
                     say("---- sample ----\n" + preview + "\n----")
             elif bar is None and not config.quiet and step % max(1, config.eval_every // 5) == 0:
@@ -402,6 +476,7 @@ def _train_locked(config, arrays, meta, log):
             save(last_path)
             raise Interrupted(stop["signum"], step, last_path)
     finally:
+        np.seterr(**numpy_errors)
         if bar is not None:
             bar.close()
         for s, h in old_handlers.items():
@@ -415,11 +490,32 @@ def _log_line(r, max_steps, scale):
             f"{score} | lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | {r['elapsed_s']:.1f}s")
 
 
-def _read_metrics(path):
+def _check_memory(model_config, dtype):
+    """Refuse, before anything is allocated, a model whose weights and gradients alone would not fit
+    in the machine's memory: an absurd --hidden-size or --num-layers gets a line, not a long swap."""
+    need = 2 * model_config.num_parameters() * dtype.itemsize
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): let the allocation decide
+        return
+    if need > have:
+        raise NanolstmError(f"the model's weights and gradients need {need / 2**30:,.1f} GiB, more than this "
+                            f"machine's {have / 2**30:,.1f} GiB; lower --hidden-size, --num-layers or "
+                            "--embedding-size")
+
+
+def _read_metrics(path, upto):
+    """The records of metrics.jsonl up to step upto, the checkpoint's: a resume writes the later ones
+    again (a kill may have come between the log and the checkpoint)."""
     if not os.path.exists(path):
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return [r for r in records if r["step"] <= upto and "val_loss" in r]
+    except (ValueError, KeyError, TypeError) as e:
+        raise NanolstmError(f"{path} is damaged ({type(e).__name__}); move it away to resume with a new "
+                            "log") from None
 
 
 def plot_history(history, path, scale):
@@ -441,6 +537,14 @@ def plot_history(history, path, scale):
     ax.legend()
     fig.tight_layout()
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise NanolstmError(f"cannot write {path}: {e.strerror or e}; check free space and permissions") from None
+    finally:
+        plt.close(fig)
