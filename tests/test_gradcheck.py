@@ -101,3 +101,13 @@ def test_huge_inputs_stay_finite_and_float32(kind):
     dx, _ = layer.backward(np.ones_like(out))
     assert out.dtype == np.float32 and dx.dtype == np.float32
     assert np.all(np.isfinite(out)) and np.all(np.isfinite(dx))
+
+
+def test_readme_example_runs_and_passes():
+    """examples/layers.py, which the README shows, must keep working and keep its gradients right."""
+    import runpy
+    from pathlib import Path
+
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "layers.py"), run_name="__main__")
+    assert done.value.code == 0
