@@ -111,3 +111,13 @@ def test_readme_example_runs_and_passes():
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "layers.py"), run_name="__main__")
     assert done.value.code == 0
+
+
+def test_wrong_state_shapes_are_refused():
+    layer = nl.LSTM(3, 4, num_layers=2)
+    x = np.zeros((2, 5, 3))
+    with pytest.raises(ValueError, match="state"):
+        layer.forward(x, (np.zeros((2, 5, 4)),))  # an LSTM state needs (h0, c0)
+    out, _ = layer.forward(x)
+    with pytest.raises(ValueError, match="dstate_n"):
+        layer.backward(np.zeros_like(out), (np.zeros((1, 5, 4)), np.zeros((1, 5, 4))))

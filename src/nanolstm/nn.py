@@ -126,6 +126,18 @@ class _Recurrent(Module):
     def _state_out(self, parts):
         return parts[0]
 
+    def _state_parts(self, state, N, what):
+        """A state (or its gradient) as the user passes it -> a tuple of (L, N, H) arrays in our
+        dtype; None means zeros. A wrong number or shape of arrays: ValueError."""
+        L, H = self.num_layers, self.hidden_size
+        n_parts = 2 if self.gates == 4 else 1
+        if state is None:
+            return tuple(np.zeros((L, N, H), self.dtype) for _ in range(n_parts))
+        parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
+        if len(parts) != n_parts or any(s.shape != (L, N, H) for s in parts):
+            raise ValueError(f"expected {what} as {n_parts} array(s) of shape {(L, N, H)}")
+        return parts
+
     def forward(self, x, state=None):
         """x (T, N, D), or (N, T, D) with batch_first; state as described by the subclass, or None
         for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form."""
@@ -136,14 +148,8 @@ class _Recurrent(Module):
             x = x.transpose(1, 0, 2)
         x = np.ascontiguousarray(x)
         L, N, H = self.num_layers, x.shape[1], self.hidden_size
-        n_parts = 2 if self.gates == 4 else 1
-        if state is None:
-            state = tuple(np.zeros((L, N, H), self.dtype) for _ in range(n_parts))
-        else:
-            state = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
-            if len(state) != n_parts or any(s.shape != (L, N, H) for s in state):
-                raise ValueError(f"expected a state of {n_parts} array(s) of shape {(L, N, H)}")
-        finals = [np.empty((L, N, H), self.dtype) for _ in range(n_parts)]
+        state = self._state_parts(state, N, "state")
+        finals = [np.empty((L, N, H), self.dtype) for _ in state]
         caches, masks = [], []
         for layer in range(L):
             mask = None
@@ -170,12 +176,8 @@ class _Recurrent(Module):
             dout = dout.transpose(1, 0, 2)
         dx = np.ascontiguousarray(dout)
         L, N, H = self.num_layers, dx.shape[1], self.hidden_size
-        n_parts = 2 if self.gates == 4 else 1
-        if dstate_n is None:
-            dstate_n = tuple(np.zeros((L, N, H), self.dtype) for _ in range(n_parts))
-        else:
-            dstate_n = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(dstate_n))
-        dstate_0 = [np.empty((L, N, H), self.dtype) for _ in range(n_parts)]
+        dstate_n = self._state_parts(dstate_n, N, "dstate_n")
+        dstate_0 = [np.empty((L, N, H), self.dtype) for _ in dstate_n]
         for layer in reversed(range(L)):
             dx, d0, dparams = self._layer_backward(dx, tuple(s[layer] for s in dstate_n), caches[layer])
             for d, s in zip(dstate_0, d0):
