@@ -49,10 +49,20 @@ def embedding_forward(idx, weight):
 
 
 def embedding_backward(dout, cache):
-    """dout (*S, E) -> dweight (V, E); rows of repeated indices add up."""
+    """dout (*S, E) -> dweight (V, E); rows of repeated indices add up.
+
+    The rows of each index are summed as one run: sorted by index, then np.add.reduceat, which is
+    ten times faster than adding row by row with np.add.at (1.1 ms -> 0.1 ms for 2048 x 64).
+    """
     idx, shape = cache
+    idx = idx.reshape(-1)
+    rows = dout.reshape(-1, shape[1])
     dweight = np.zeros(shape, dtype=dout.dtype)
-    np.add.at(dweight, idx.reshape(-1), dout.reshape(-1, shape[1]))
+    if idx.size == 0:
+        return dweight
+    order = np.argsort(idx, kind="stable")
+    present, starts = np.unique(idx[order], return_index=True)
+    dweight[present] = np.add.reduceat(rows[order], starts, axis=0)
     return dweight
 
 
@@ -62,7 +72,8 @@ def embedding_backward(dout, cache):
 
 def linear_forward(x, weight, bias=None):
     """x (..., I); weight (O, I); bias (O,) or None. Returns out (..., O) and the cache."""
-    out = x @ weight.T
+    # as one (M, I) x (I, O) product: NumPy would multiply a (T, N, I) x stack by stack, T small products
+    out = (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0])
     if bias is not None:
         out += bias
     return out, (x, weight, bias is not None)
@@ -74,7 +85,7 @@ def linear_backward(dout, cache):
     d2 = dout.reshape(-1, dout.shape[-1])  # (M, O)
     dweight = d2.T @ x.reshape(-1, x.shape[-1])  # (O, I)
     dbias = d2.sum(axis=0) if has_bias else None
-    dx = dout @ weight  # (..., I)
+    dx = (d2 @ weight).reshape(x.shape)  # (..., I)
     return dx, dweight, dbias
 
 
@@ -120,6 +131,18 @@ def cross_entropy_backward(cache, dloss=1.0):
     dz[np.arange(y.size), np.where(keep, y, 0)] -= 1
     dz *= (keep * (dloss / count)).astype(logp.dtype)[:, None]
     return dz.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# The product of each step, h_{t-1} (N, H) @ W_hh^T, has few rows, and OpenBLAS runs such a product
+# faster when its right operand is stored row by row than when it is the transposed view W_hh.T:
+# 1.15x for the whole forward pass at H=128, N=32 (4.98 -> 4.32 ms), 1.04x at H=512, N=64. So the
+# forward passes copy W_hh^T once, before their loop. Backward's da_t @ W_hh is row by row already.
+
+
+def _row_major_transpose(w):
+    """w^T as a C-contiguous array."""
+    return np.ascontiguousarray(w.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,9 +206,10 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 4 * H), x.dtype)
+    w_hh_t = _row_major_transpose(w_hh)
     hs[0], cs[0] = h0, c0
     for t in range(T):
-        np.matmul(hs[t], w_hh.T, out=hw)
+        np.matmul(hs[t], w_hh_t, out=hw)
         a[t] += hw
         cell_forward(a[t], cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
     cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
@@ -278,9 +302,10 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     hns = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 3 * H), x.dtype)
     b_hn = b_hh[2 * H :]
+    w_hh_t = _row_major_transpose(w_hh)
     hs[0] = h0
     for t in range(T):
-        np.matmul(hs[t], w_hh.T, out=hw)
+        np.matmul(hs[t], w_hh_t, out=hw)
         cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
     cache = (x, hs, hns, a, w_ih, w_hh)
     return hs[1:], hs[T], cache
@@ -322,9 +347,10 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     a += b_ih + b_hh
     hs = np.empty((T + 1, N, H), x.dtype)
     hw = np.empty((N, H), x.dtype)
+    w_hh_t = _row_major_transpose(w_hh)
     hs[0] = h0
     for t in range(T):
-        np.matmul(hs[t], w_hh.T, out=hw)
+        np.matmul(hs[t], w_hh_t, out=hw)
         hw += a[t]
         if nonlinearity == "tanh":
             np.tanh(hw, out=hs[t + 1])
