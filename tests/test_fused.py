@@ -41,11 +41,14 @@ def pre_activations(rng, extreme, dtype):
 
 def lstm_step(rng, N, H, kind, dtype):
     """Arguments for the forward cell, and for the backward cell as the reference forward leaves them."""
-    a = pre_activations(rng, extreme_mask(rng, (N, 4 * H), kind), dtype)
+    # in "mixed", hw is extreme where a is not, as for the GRU below
+    extreme = extreme_mask(rng, (N, 4 * H), kind)
+    a = pre_activations(rng, extreme, dtype)
+    hw = pre_activations(rng, ~extreme if kind == "mixed" else extreme, dtype)
     c_prev = rng.standard_normal((N, H)).astype(dtype)
     out = np.full((N, H), np.nan, dtype)  # NaN shows any entry a cell fails to write
-    fwd = [a, c_prev, out, out.copy(), out.copy()]
-    a_act, _, _, _, tanh_c = called(F.lstm_cell_forward, fwd)
+    fwd = [a, hw, c_prev, out, out.copy(), out.copy()]
+    a_act, _, _, _, _, tanh_c = called(F.lstm_cell_forward, fwd)
     dh, dc = (rng.standard_normal((N, H)).astype(dtype) for _ in range(2))
     bwd = [dh, dc, a_act, c_prev, tanh_c, np.full((N, 4 * H), np.nan, dtype)]
     return fwd, bwd
@@ -70,7 +73,7 @@ def gru_step(rng, N, H, kind, dtype):
 
 
 STEPS = {  # the argument builder, and the names of the arguments of forward and of backward
-    "lstm": (lstm_step, ("a", "c_prev", "c", "h", "tanh_c"),
+    "lstm": (lstm_step, ("a", "hw", "c_prev", "c", "h", "tanh_c"),
              ("dh", "dc", "a", "c_prev", "tanh_c", "da")),
     "gru": (gru_step, ("a", "hw", "b_hn", "h_prev", "h", "hn"),
             ("dh", "a", "hn", "h_prev", "dxa", "dha")),

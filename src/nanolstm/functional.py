@@ -152,13 +152,15 @@ def _row_major_transpose(w):
 #   h_t = o * tanh(c_t)
 
 
-def lstm_cell_forward(a, c_prev, c, h, tanh_c):
+def lstm_cell_forward(a, hw, c_prev, c, h, tanh_c):
     """The gate arithmetic of one step, in place.
 
-    a (N, 4H): pre-activations in, overwritten with the activations i, f, g, o (backward needs them).
+    a (N, 4H): the input side of the pre-activations, x_t W_ih^T + b_ih + b_hh, in; overwritten with
+    the activations i, f, g, o (backward needs them). hw (N, 4H) in: h_{t-1} W_hh^T.
     c_prev (N, H) in; c, h, tanh_c (N, H) out.
     """
     H = c_prev.shape[1]
+    a += hw
     a[:, : 2 * H] = sigmoid(a[:, : 2 * H])
     a[:, 2 * H : 3 * H] = np.tanh(a[:, 2 * H : 3 * H])
     a[:, 3 * H :] = sigmoid(a[:, 3 * H :])
@@ -210,8 +212,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     hs[0], cs[0] = h0, c0
     for t in range(T):
         np.matmul(hs[t], w_hh_t, out=hw)
-        a[t] += hw
-        cell_forward(a[t], cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
+        cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
     cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
     return hs[1:], hs[T], cs[T], cache
 
@@ -388,25 +389,25 @@ def rnn_backward(dout, dh_T, cache):
 # (for the first layer of a language model, a row of a table precomputed for every token).
 
 
-def lstm_step(a, h, c, w_hh):
-    """a (N, 4H), consumed; h, c (N, H) -> h, c of the next step (new arrays)."""
-    a += h @ w_hh.T
+def lstm_step(a, h, c, w_hh_t):
+    """a (N, 4H), consumed; h, c (N, H); w_hh_t: W_hh^T (H, 4H) -> h, c of the next step (new arrays)."""
     h_new, c_new, tanh_c = np.empty_like(h), np.empty_like(c), np.empty_like(c)
-    _cell("lstm", a.dtype)[0](a, c, c_new, h_new, tanh_c)
+    _cell("lstm", a.dtype)[0](a, h @ w_hh_t, c, c_new, h_new, tanh_c)
     return h_new, c_new
 
 
-def gru_step(a, h, w_hh, b_hh):
-    """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H) -> next h."""
+def gru_step(a, h, w_hh_t, b_hh):
+    """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H); w_hh_t: W_hh^T
+    (H, 3H) -> next h."""
     H = h.shape[1]
     h_new, hn = np.empty_like(h), np.empty_like(h)
-    _cell("gru", a.dtype)[0](a, h @ w_hh.T, b_hh[2 * H :], h, h_new, hn)
+    _cell("gru", a.dtype)[0](a, h @ w_hh_t, b_hh[2 * H :], h, h_new, hn)
     return h_new
 
 
-def rnn_step(a, h, w_hh, nonlinearity="tanh"):
-    """a (N, H) with both biases added, consumed; h (N, H) -> next h."""
-    a += h @ w_hh.T
+def rnn_step(a, h, w_hh_t, nonlinearity="tanh"):
+    """a (N, H) with both biases added, consumed; h (N, H); w_hh_t: W_hh^T (H, H) -> next h."""
+    a += h @ w_hh_t
     return np.tanh(a, out=a) if nonlinearity == "tanh" else np.maximum(a, 0, out=a)
 
 

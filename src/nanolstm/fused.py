@@ -115,17 +115,18 @@ def _tanh(x, one):
 
 
 @_jit
-def lstm_cell_forward(a, c_prev, c, h, tanh_c):
-    """As functional.lstm_cell_forward. a (N, 4H) in: pre-activations, out: i, f, g, o.
-    c_prev (N, H) in; c, h, tanh_c (N, H) out."""
+def lstm_cell_forward(a, hw, c_prev, c, h, tanh_c):
+    """As functional.lstm_cell_forward. a (N, 4H) in: input-side pre-activations, out: i, f, g, o.
+    hw (N, 4H) = h_{t-1} W_hh^T; c_prev (N, H) in; c, h, tanh_c (N, H) out."""
     N, H = c_prev.shape
     one = a.dtype.type(1)
     for n in range(N):
         a_i, a_f, a_g, a_o = a[n, :H], a[n, H : 2 * H], a[n, 2 * H : 3 * H], a[n, 3 * H : 4 * H]
+        w_i, w_f, w_g, w_o = hw[n, :H], hw[n, H : 2 * H], hw[n, 2 * H : 3 * H], hw[n, 3 * H : 4 * H]
         c_prev_n, c_n, h_n, tanh_c_n = c_prev[n], c[n], h[n], tanh_c[n]
         for j in range(H):
-            i, f = _sigmoid(a_i[j], one), _sigmoid(a_f[j], one)
-            g, o = _tanh(a_g[j], one), _sigmoid(a_o[j], one)
+            i, f = _sigmoid(a_i[j] + w_i[j], one), _sigmoid(a_f[j] + w_f[j], one)
+            g, o = _tanh(a_g[j] + w_g[j], one), _sigmoid(a_o[j] + w_o[j], one)
             a_i[j], a_f[j], a_g[j], a_o[j] = i, f, g, o
             cj = f * c_prev_n[j] + i * g
             tc = _tanh(cj, one)

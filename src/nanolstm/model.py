@@ -113,29 +113,53 @@ class LanguageModel(Module):
         H = self.config.hidden_size
         return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, self.dtype)])
 
-    def step(self, tokens, state, table=None):
+    def step_weights(self, streams=2):
+        """What step() needs, prepared once for many steps (valid until the parameters change):
+        "table", input_table(); "layers", per layer (W_ih^T or None for the first layer, W_hh^T,
+        the folded input-side bias, b_hh); "decoder", (W^T, bias).
+
+        The transposed weights are the right operands of (streams, D) @ (D, G*H) products. With
+        several streams they are copied row-major, which OpenBLAS multiplies faster (functional.py,
+        _row_major_transpose); with one stream each product is a matrix-vector product, faster on
+        the transposed view of the weights as they are.
+        """
+        rows = F._row_major_transpose if streams > 1 else (lambda w: w.T)
+        layers = []
+        for layer in range(self.rnn.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self.rnn.layer_params(layer)
+            layers.append((None if layer == 0 else rows(w_ih), rows(w_hh), self._folded_bias(b_ih, b_hh),
+                           b_hh))
+        dec = self.decoder.params
+        return {"table": self.input_table(), "layers": layers, "decoder": (rows(dec["weight"]), dec["bias"])}
+
+    def step(self, tokens, state, weights=None):
         """One step of inference, without dropout and without a cache for backward.
 
         tokens (N,) ids; state as forward returns it (not None) -> logits (N, V), next state.
-        table: input_table(), if the caller computed it once for many steps.
+        weights: step_weights(N), if the caller prepared them once for many steps.
         """
-        rnn, kind = self.rnn, self.config.model
-        table = self.input_table() if table is None else table
+        kind = self.config.model
+        weights = self.step_weights(len(tokens)) if weights is None else weights
         hs = state[0] if kind == "lstm" else state
         cs = state[1] if kind == "lstm" else None
         new_h, new_c = np.empty_like(hs), (np.empty_like(cs) if cs is not None else None)
         x = None
-        for layer in range(rnn.num_layers):
-            w_ih, w_hh, b_ih, b_hh = rnn.layer_params(layer)
-            a = table[tokens] if layer == 0 else x @ w_ih.T + self._folded_bias(b_ih, b_hh)  # (N, G*H)
-            if kind == "lstm":
-                new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], w_hh)
-            elif kind == "gru":
-                new_h[layer] = F.gru_step(a, hs[layer], w_hh, b_hh)
+        for layer, (w_ih_t, w_hh_t, bias, b_hh) in enumerate(weights["layers"]):
+            if layer == 0:
+                a = weights["table"][tokens]  # (N, G*H): a row lookup instead of a product
             else:
-                new_h[layer] = F.rnn_step(a, hs[layer], w_hh, rnn.nonlinearity)
+                a = x @ w_ih_t
+                a += bias
+            if kind == "lstm":
+                new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], w_hh_t)
+            elif kind == "gru":
+                new_h[layer] = F.gru_step(a, hs[layer], w_hh_t, b_hh)
+            else:
+                new_h[layer] = F.rnn_step(a, hs[layer], w_hh_t, self.rnn.nonlinearity)
             x = new_h[layer]
-        logits = x @ self.decoder.params["weight"].T + self.decoder.params["bias"]  # (N, V)
+        w_dec_t, b_dec = weights["decoder"]
+        logits = x @ w_dec_t
+        logits += b_dec  # (N, V)
         return logits, ((new_h, new_c) if kind == "lstm" else new_h)
 
     def generate(self, prime="", length=200, temperature=1.0, top_k=None, top_p=None, argmax=False,
@@ -183,7 +207,7 @@ class LanguageModel(Module):
             x = np.repeat(np.asarray(ids)[:, None], num_samples, axis=1)  # (T, N)
             logits, state = self.forward(x)  # warm the state on the whole prime at once
             logits = logits[-1]  # (N, V)
-            table = self.input_table()
+            weights = self.step_weights(num_samples)
             out = np.empty((length, num_samples), np.int64)
             emitted = ""
             for t in range(length):
@@ -194,7 +218,7 @@ class LanguageModel(Module):
                     text = vocab.tokens[tok[0]] if vocab.level == "char" else decode(out[: t + 1, 0])
                     on_text(text if vocab.level == "char" else text[len(emitted):])
                     emitted = text
-                logits, state = self.step(tok, state, table)
+                logits, state = self.step(tok, state, weights)
         finally:
             self.train(was_training)
         return [decode(out[:, n]) for n in range(num_samples)]
