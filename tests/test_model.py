@@ -38,14 +38,21 @@ def test_model_gradients(kind):
     assert max(errors.values()) < 1e-6, errors
 
 
+@pytest.mark.parametrize("streams", [1, 4])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_step_equals_forward(kind):
+def test_step_equals_forward(kind, streams):
+    """One step, with the weights laid out for one stream (transposed views) or for several
+    (row-major copies), gives forward's logits and state."""
     model = make(kind, layers=3).eval()
-    x = np.random.default_rng(1).integers(0, len(VOCAB), (5, 4))
-    logits_all, _ = model.forward(x)
+    x = np.random.default_rng(1).integers(0, len(VOCAB), (5, streams))
+    logits_all, state_all = model.forward(x)
     _, state = model.forward(x[:4])
-    logits_step, _ = model.step(x[4], state)
-    np.testing.assert_allclose(logits_step, logits_all[4], rtol=1e-12, atol=1e-12)
+    for weights in (None, model.step_weights(1), model.step_weights(2)):
+        logits_step, state_step = model.step(x[4], state, weights)
+        np.testing.assert_allclose(logits_step, logits_all[4], rtol=1e-12, atol=1e-12)
+        for s_step, s_all in zip(state_step if kind == "lstm" else (state_step,),
+                                 state_all if kind == "lstm" else (state_all,)):
+            np.testing.assert_allclose(s_step, s_all, rtol=1e-12, atol=1e-12)
 
 
 def test_save_load_round_trip(tmp_path):

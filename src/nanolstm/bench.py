@@ -22,8 +22,11 @@ What it measures (each number in its own child process, so that the peak residen
 - a baseline in the style of the tutorials (`TutorialLSTM` below), to say how many times faster
   nanolstm is.
 
-Throughput is the median over the timed steps, after warm-up steps (which also compile numba's
-kernels or load them from its cache): the median resists the noise of a shared machine.
+Throughput is the median over the timed steps of a process, after warm-up steps (which also compile
+numba's kernels or load them from its cache): the median resists short bursts of noise. Longer slow
+spells of a shared (virtual) machine, which change a figure by a third from one minute to the next,
+are met by rounds: each measurement runs in --rounds processes, ours and PyTorch's taking turns, and
+the fastest process of each side counts, every run's figure kept in the JSON.
 
 Shapes: T time, N batch (streams), E embedding, H hidden, L layers, V vocabulary, G gates per unit.
 """
@@ -586,6 +589,14 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
+def _speed(r):
+    """A result's figure of speed, larger is faster."""
+    for key in ("tokens_per_s", "chars_per_s", "gflops"):
+        if key in r:
+            return r[key]
+    return -r["encode_s"]
+
+
 class Runner:
     """Runs measurements in child processes for one bench run, and keeps the options they share."""
 
@@ -594,6 +605,7 @@ class Runner:
         self.steps = args.steps if args.steps is not None else self.sizes["steps"]
         self.warmup = self.sizes["warmup"]
         self.numba = not args.no_numba
+        self.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
         self.use_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
         self.log = log
         self.failures = []
@@ -610,6 +622,26 @@ class Runner:
                       for k, unit in units if k in r), "")
         self.log(f"  {env_name}: {label}: {speed}, peak RSS {r['peak_rss_mb']:.0f} MB")
         return r
+
+    def alternate(self, jobs, env_name, env):
+        """Run the jobs, (key, kind, spec, label) each, `rounds` times round-robin, so that a slow
+        spell of a shared machine falls on every side alike. Per key: the fastest run, whose figures
+        are the key's, with the speed of every run under "runs" (None where one failed). Noise only
+        ever slows a run down, so the fastest run is the one least disturbed."""
+        runs = {key: [] for key, *_ in jobs}
+        for k in range(self.rounds):
+            for key, kind, spec, label in jobs:
+                shown = label if self.rounds == 1 else f"{label} (run {k + 1}/{self.rounds})"
+                runs[key].append(self(kind, spec, env_name, env, shown))
+        best = {}
+        for key, results in runs.items():
+            ok = [r for r in results if _ok(r)]
+            if not ok:
+                best[key] = results[-1]
+                continue
+            best[key] = dict(max(ok, key=_speed))
+            best[key]["runs"] = [_speed(r) if _ok(r) else None for r in results]
+        return best
 
     def cells(self, flags):
         if all(flags):
@@ -629,9 +661,10 @@ def train_entry(runner, env_name, env, model, letter, peak_gflops, with_torch=Tr
                         "embedding": E, "vocab": V},
              "flops_per_token": flops}
     name = f"{model} {letter} {layers}x{hidden} T={T} N={N}"
-    entry["ours"] = runner("train_ours", spec, env_name, env, name + " ours")
+    jobs = [("ours", "train_ours", spec, name + " ours")]
     if runner.use_torch and with_torch:
-        entry["torch"] = runner("train_torch", spec, env_name, env, name + " torch")
+        jobs.append(("torch", "train_torch", spec, name + " torch"))
+    entry.update(runner.alternate(jobs, env_name, env))
     for who in ("ours", "torch"):
         r = entry.get(who)
         if _ok(r):
@@ -650,12 +683,13 @@ def generate_entry(runner, env_name, env, streams):
     name = f"generate lstm {g['layers']}x{g['hidden']} {streams} stream(s)"
     entry = {"config": {"model": "lstm", "layers": g["layers"], "hidden": g["hidden"], "streams": streams,
                         "embedding": E, "vocab": V}}
-    entry["ours"] = runner("generate_ours", spec, env_name, env, name + " ours")
+    jobs = [("ours", "generate_ours", spec, name + " ours")]
+    if runner.use_torch:
+        jobs += [(f"torch_{path}", "generate_torch", dict(spec, path=path), f"{name} torch {shown}")
+                 for path, shown in (("cell", "nn.LSTMCell"), ("lstm", "nn.LSTM"))]
+    entry.update(runner.alternate(jobs, env_name, env))
     if not runner.use_torch:
         return entry
-    for path, shown in (("cell", "nn.LSTMCell"), ("lstm", "nn.LSTM")):
-        entry[f"torch_{path}"] = runner("generate_torch", dict(spec, path=path), env_name, env,
-                                        f"{name} torch {shown}")
     ran = [(entry[f"torch_{path}"]["chars_per_s"], path) for path in ("cell", "lstm")
            if _ok(entry[f"torch_{path}"])]
     if ran:
@@ -678,10 +712,12 @@ def collect(args, log):
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "quick": args.quick, "parts": list(only), "torch": runner.use_torch,
         "machine": machine_info(),
-        "method": {"steps": runner.steps, "warmup": runner.warmup, "embedding": E, "vocab": V,
+        "method": {"steps": runner.steps, "warmup": runner.warmup, "rounds": runner.rounds,
+                   "embedding": E, "vocab": V,
                    "dtype": "float32", "clip_grad_norm": CLIP, "optimizer": f"Adam lr {LR}",
                    "tokens": "uniform random token ids: the speed does not depend on their values",
-                   "throughput": "median over the timed steps",
+                   "throughput": "median over the timed steps of one process; the fastest process "
+                                 "of the rounds, ours and PyTorch's taking turns",
                    "flops_per_token": "sum over layers of 3*2*(D_l+H)*G*H, plus 6*H*V",
                    "peak_rss": "ru_maxrss of a process that made this one measurement, MB = 2**20 bytes"},
         "environments": {},
@@ -690,7 +726,8 @@ def collect(args, log):
     for env_name, env in envs.items():
         log(f"environment {env_name}")
         out = result["environments"][env_name] = {"env": {k: env.get(k) for k in SHOWN_VARS}, "cells": None}
-        peak = out["matmul_peak"] = runner("peak", sizes["peak"], env_name, env, "matmul peak")
+        peak = out["matmul_peak"] = runner.alternate([("peak", "peak", sizes["peak"], "matmul peak")],
+                                                     env_name, env)["peak"]
         out["blas"] = peak.get("blas")
         if "train" in only:
             out["train"] = {f"{m}_{k}": train_entry(runner, env_name, env, m, k, peak.get("gflops"))
@@ -699,7 +736,8 @@ def collect(args, log):
             out["generate"] = {f"streams_{n}": generate_entry(runner, env_name, env, n)
                                for n in sizes["generate"]["streams"]}
         if "baseline" in only:
-            base = runner("baseline", sizes["baseline"], env_name, env, "tutorial-style baseline")
+            base = runner.alternate([("base", "baseline", sizes["baseline"], "tutorial-style baseline")],
+                                    env_name, env)["base"]
             ours_a = out.get("train", {}).get("lstm_a", {}).get("ours")
             if not _ok(ours_a):  # the comparison needs ours at config a in this environment
                 ours_a = train_entry(runner, env_name, env, "lstm", "a", peak.get("gflops"),
@@ -720,9 +758,10 @@ def collect(args, log):
                                 f"encode {d['encode_chars'] / 1e6:g} MB")
         spec = {k: d[k] for k in ("layers", "hidden", "T", "N")}
         spec.update(steps=runner.steps, warmup=runner.warmup, numba=runner.numba)
-        for key, chars in zip(("small", "large"), d["train_chars"]):
-            data[f"train_{key}"] = runner("data_train", dict(spec, chars=chars), env_name, env,
-                                          f"train lstm {d['layers']}x{d['hidden']} on {chars / 1e6:g} MB")
+        data.update(runner.alternate(
+            [(f"train_{key}", "data_train", dict(spec, chars=chars),
+              f"train lstm {d['layers']}x{d['hidden']} on {chars / 1e6:g} MB")
+             for key, chars in zip(("small", "large"), d["train_chars"])], env_name, env))
         data["large_over_small"] = _ratio(data["train_large"].get("tokens_per_s"),
                                           data["train_small"].get("tokens_per_s"))
     result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -804,7 +843,8 @@ def report(result):
              f"python {m['python']}, numpy {m['numpy']}, torch {m['torch'] or '-'}, "
              f"numba {m['numba'] or '-'}",
              f"command: {result['command']}; {method['steps']} timed steps after {method['warmup']} "
-             "warm-up, median; random token ids"]
+             f"warm-up, median; random token ids; the fastest of {method['rounds']} processes, "
+             "ours and PyTorch's taking turns"]
     if result["quick"]:
         lines.append("--quick: a smoke test of the benchmark, at tiny sizes; these figures measure nothing")
     load = (m.get("load_average") or [None])[0]
@@ -865,6 +905,9 @@ def add_arguments(p):
     a("--no-torch", action="store_true", help="measure nanolstm only")
     a("--no-numba", action="store_true", help="use the NumPy reference cells even if numba is installed")
     a("--steps", type=_positive, help="timed training steps per configuration (default 20, after 3 warm-up)")
+    a("--rounds", type=_positive,
+      help="processes per measurement, ours and PyTorch's taking turns; the fastest counts "
+           "(default 3; 1 with --quick)")
     a("--blas", choices=["default", "haswell", "both"], default="both",
       help="OpenBLAS environment: as a user has it, OPENBLAS_CORETYPE=Haswell forced, or both (default)")
     return p
@@ -886,6 +929,8 @@ def _shown_argv(args):
         shown.append("--only " + ",".join(args.only))
     if args.steps is not None:
         shown.append(f"--steps {args.steps}")
+    if args.rounds is not None:
+        shown.append(f"--rounds {args.rounds}")
     shown.append(f"--blas {args.blas}")
     return shown
 

@@ -1,0 +1,149 @@
+"""Where the time of one training step goes: each part of one recurrent layer timed on its own.
+
+    python bench/profile.py                  # LSTM, H=512, D=512, T=100, N=64 (configuration c's layer 2)
+    python bench/profile.py --model gru --hidden 128 --input 64 --T 64 --N 32
+
+Each part is run exactly as functional.py runs it, on arrays of the same shapes and layouts, and
+timed alone (best of --repeats), so the parts add up to about the whole pass, which is timed too.
+A part's GFLOP/s is against the BLAS's rate on a large square product, measured in the same run.
+Run it on an idle machine: OpenBLAS's threads spin while they wait, so other work distorts it.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from nanolstm import functional as F
+
+
+def best_ms(fn, repeats):
+    fn()  # warm: caches, BLAS threads, numba's compiled code
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * min(times)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=("lstm", "gru"), default="lstm")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--input", type=int, default=512)
+    p.add_argument("--T", type=int, default=100)
+    p.add_argument("--N", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-numba", action="store_true", help="the NumPy reference cells")
+    args = p.parse_args(argv)
+    fused = F.use_numba(not args.no_numba)
+    H, D, T, N, r = args.hidden, args.input, args.T, args.N, args.repeats
+    G = 4 if args.model == "lstm" else 3
+    rng = np.random.default_rng(0)
+
+    def f32(*shape):
+        return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+    x, h0, c0 = f32(T, N, D), f32(N, H), f32(N, H)
+    w_ih, w_hh, b_ih, b_hh = f32(G * H, D), f32(G * H, H), f32(G * H), f32(G * H)
+    dout = f32(T, N, H)
+    square = f32(2048, 2048)
+    peak = 2 * 2048**3 / best_ms(lambda: square @ square, 3) / 1e6  # GFLOP/s
+
+    rows = []
+
+    def part(name, fn, flops=None):
+        ms = best_ms(fn, r)
+        rows.append((name, ms, flops / ms / 1e6 if flops else None))
+
+    # the parts, each as the layer functions do it
+    w_hh_t = F._row_major_transpose(w_hh)
+    hw = np.empty((N, G * H), np.float32)
+    a = f32(T, N, G * H)
+    da = f32(T, N, G * H)
+    dh = np.empty((N, H), np.float32)
+    hs = f32(T + 1, N, H)
+    per_step = 2 * N * H * G * H
+    big = 2 * T * N * D * G * H
+    part("forward: input products x W_ih^T, one call", lambda: x.reshape(T * N, D) @ w_ih.T, big)
+    a_in = a.copy()
+    part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
+    part("forward: W_hh^T copied row-major, once", lambda: F._row_major_transpose(w_hh))
+
+    def forward_products():
+        for t in range(T):
+            np.matmul(hs[t], w_hh_t, out=hw)
+
+    part(f"forward: {T} recurrent products h W_hh^T", forward_products, T * per_step)
+    cell_forward, cell_backward = F._cell(args.model, np.float32)
+    if args.model == "lstm":
+        cs, tanh_cs = f32(T + 1, N, H), np.empty((T, N, H), np.float32)
+
+        def forward_cells():
+            for t in range(T):
+                cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
+
+        dc = f32(N, H)
+
+        def backward_cells():
+            dh[...], dc[...] = 0.1, 0.1  # the state of a real pass, not what earlier runs left
+            for t in range(T):
+                cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
+    else:
+        hns, dha = np.empty((T, N, H), np.float32), f32(T, N, G * H)
+        b_hn = b_hh[2 * H :]
+
+        def forward_cells():
+            for t in range(T):
+                cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
+
+        def backward_cells():
+            dh[...] = 0.1
+            for t in range(T):
+                cell_backward(dh, a[t], hns[t], hs[t], da[t], dha[t])
+
+    part(f"forward: {T} cells", forward_cells)
+    part(f"backward: {T} cells", backward_cells)
+
+    def backward_products():
+        for t in range(T):
+            np.matmul(da[t], w_hh, out=dh)
+
+    part(f"backward: {T} recurrent products da W_hh", backward_products, T * per_step)
+    da2, x2, h2 = da.reshape(T * N, G * H), x.reshape(T * N, D), hs[:T].reshape(T * N, H)
+    part("backward: dx = da W_ih, one call", lambda: da2 @ w_ih, big)
+    part("backward: dW_ih = da^T x, one call", lambda: da2.T @ x2, big)
+    part("backward: dW_hh = da^T h, one call", lambda: da2.T @ h2, 2 * T * N * H * G * H)
+    part("backward: bias gradient", lambda: da2.sum(axis=0))
+
+    layer = {"lstm": (F.lstm_forward, F.lstm_backward), "gru": (F.gru_forward, F.gru_backward)}
+    forward, backward = layer[args.model]
+    state = (h0, c0) if args.model == "lstm" else (h0,)
+    out = {}
+
+    def whole_forward():
+        out["r"] = forward(x, *state, w_ih, w_hh, b_ih, b_hh)
+
+    whole_forward()
+    cache = out["r"][-1]
+    whole_fwd = best_ms(whole_forward, r)
+    whole_bwd = best_ms(lambda: backward(dout, *state, cache), r)
+
+    print(f"{args.model} layer: H={H} D={D} T={T} N={N}, float32, cells: "
+          f"{'numba fused' if fused else 'NumPy reference'}; large square product {peak:.0f} GFLOP/s")
+    print(f"{'part':<48} {'ms':>8} {'GFLOP/s':>8}")
+    for name, ms, gflops in rows:
+        print(f"{name:<48} {ms:8.2f} {'' if gflops is None else f'{gflops:8.0f}':>8}")
+    parts_fwd = sum(ms for name, ms, _ in rows if name.startswith("forward"))
+    parts_bwd = sum(ms for name, ms, _ in rows if name.startswith("backward"))
+    print(f"{'sum of the forward parts':<48} {parts_fwd:8.2f}")
+    print(f"{'whole forward pass':<48} {whole_fwd:8.2f}")
+    print(f"{'sum of the backward parts':<48} {parts_bwd:8.2f}")
+    print(f"{'whole backward pass':<48} {whole_bwd:8.2f}")
+    print("(the whole passes take longer than their parts by the Python of each step and by caches: a part\n"
+          " repeated on the same arrays finds them warm)")
+
+
+if __name__ == "__main__":
+    main()
