@@ -95,6 +95,14 @@ def test_embedding_matches_torch(dtype):
     assert not ours.grads["weight"][V - 1].any()
 
 
+def test_embedding_of_no_tokens():
+    emb = nl.Embedding(7, 5, dtype=np.float64)
+    out = emb.forward(np.zeros((0, 3), np.int64))
+    assert out.shape == (0, 3, 5)
+    emb.backward(out)
+    assert emb.grads["weight"].shape == (7, 5) and not emb.grads["weight"].any()
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_matches_torch(dtype, bias):

@@ -5,16 +5,15 @@ The NumPy cells in functional.py are the reference: tests/test_fused.py checks t
 every output and every array overwritten in place, and whole layers with `use_numba` on and off.
 `nanolstm.use_numba(True)` swaps them in.
 
-What it buys, float32, T=100, N=64, on a 2-core AMD EPYC (znver4) shared with other work, OpenBLAS
-held to one thread (with two, times swung 3x with the other load; the one quiet run gave 538 -> 478
-ms for the first row), best of 7 to 15 runs, NumPy cells -> these:
+What it buys, measured by `python bench/profile.py` (float32, D=H=512, T=100, N=64, two OpenBLAS
+threads, idle 2-core AMD EPYC), NumPy cells (--no-numba) -> these:
 
-    lstm_forward + lstm_backward, D=H=512    998 ms -> 916 ms   1.09x
-                                  D=H=128     93 ms ->  72 ms   1.3x
-    the 2T cell calls alone,      D=H=512     85 ms ->  17 ms   4.9x (forward 5.5x, backward 3.5x)
+    the 100 forward cells     31.5 ms -> 12.5 ms   2.5x
+    the 100 backward cells    25.9 ms ->  8.0 ms   3.2x
+    the whole layer, forward and backward   583 ms -> 516 ms   1.13x
 
 At H=512 the matrix products are ~90% of the pass, and they are untouched. float64, the dtype of
-the gradient checks, comes out about even: 1944 -> 1847 ms at D=H=512.
+the gradient checks, comes out about even.
 
 Most of the gain is SIMD code, which LLVM only makes of the loops below because:
 - each row is taken as 1-D slices, so the inner loop is unit-stride with non-negative indices;
