@@ -52,7 +52,7 @@ def embedding_backward(dout, cache):
     """dout (*S, E) -> dweight (V, E); rows of repeated indices add up.
 
     The rows of each index are summed as one run: sorted by index, then np.add.reduceat, which is
-    ten times faster than adding row by row with np.add.at (1.1 ms -> 0.1 ms for 2048 x 64).
+    about six times faster than adding row by row with np.add.at (1.1 ms -> 0.17 ms for 2048 x 64).
     """
     idx, shape = cache
     idx = idx.reshape(-1)

@@ -113,7 +113,7 @@ class LanguageModel(Module):
         H = self.config.hidden_size
         return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, self.dtype)])
 
-    def step_weights(self, streams=2):
+    def step_weights(self, streams):
         """What step() needs, prepared once for many steps (valid until the parameters change):
         "table", input_table(); "layers", per layer (W_ih^T or None for the first layer, W_hh^T,
         the folded input-side bias, b_hh); "decoder", (W^T, bias).
