@@ -297,8 +297,8 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     H = w_hh.shape[1]
     cell_forward = _cell("gru", x.dtype)[0]
     a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, 3 * H)  # (T, N, 3H)
-    a += b_ih
-    a[:, :, : 2 * H] += b_hh[: 2 * H]  # b_hn cannot be folded in: it is multiplied by r
+    # b_ih, and b_hh but for b_hn, which cannot be folded in: it is multiplied by r. One pass over a.
+    a += b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
     hs = np.empty((T + 1, N, H), x.dtype)
     hns = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 3 * H), x.dtype)
