@@ -5,7 +5,7 @@ The NumPy cells in functional.py are the reference: tests/test_fused.py checks t
 every output and every array overwritten in place, and whole layers with `use_numba` on and off.
 `nanolstm.use_numba(True)` swaps them in.
 
-What it buys, measured by `python bench/profile.py` (float32, D=H=512, T=100, N=64, two OpenBLAS
+What it buys, measured by `python bench/breakdown.py` (float32, D=H=512, T=100, N=64, two OpenBLAS
 threads, idle 2-core AMD EPYC), NumPy cells (--no-numba) -> these:
 
     the 100 forward cells     31.5 ms -> 12.5 ms   2.5x

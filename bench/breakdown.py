@@ -1,7 +1,7 @@
 """Where the time of one training step goes: each part of one recurrent layer timed on its own.
 
-    python bench/profile.py                  # LSTM, H=512, D=512, T=100, N=64 (configuration c's layer 2)
-    python bench/profile.py --model gru --hidden 128 --input 64 --T 64 --N 32
+    python bench/breakdown.py                  # LSTM, H=512, D=512, T=100, N=64 (configuration c's layer 2)
+    python bench/breakdown.py --model gru --hidden 128 --input 64 --T 64 --N 32
 
 Each part is run exactly as functional.py runs it, on arrays of the same shapes and layouts, and
 timed alone (best of --repeats), so the parts add up to about the whole pass, which is timed too.
