@@ -287,6 +287,13 @@ def gru_cell_backward(dh, a, hn, h_prev, dxa, dha):
     dh *= z
 
 
+def gru_input_bias(b_ih, b_hh):
+    """The biases that add to the input side: b_ih, and b_hh but for b_hn, which cannot be folded in
+    (it is multiplied by r)."""
+    H = b_hh.shape[0] // 3
+    return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
+
+
 def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     """One GRU layer over a whole sequence.
 
@@ -297,8 +304,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     H = w_hh.shape[1]
     cell_forward = _cell("gru", x.dtype)[0]
     a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, 3 * H)  # (T, N, 3H)
-    # b_ih, and b_hh but for b_hn, which cannot be folded in: it is multiplied by r. One pass over a.
-    a += b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
+    a += gru_input_bias(b_ih, b_hh)  # one pass over a
     hs = np.empty((T + 1, N, H), x.dtype)
     hns = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 3 * H), x.dtype)

@@ -108,10 +108,7 @@ class LanguageModel(Module):
 
     def _folded_bias(self, b_ih, b_hh):
         """The biases that add to the input side: all of both, except the GRU's b_hn (inside r * ...)."""
-        if self.config.model != "gru":
-            return b_ih + b_hh
-        H = self.config.hidden_size
-        return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, self.dtype)])
+        return F.gru_input_bias(b_ih, b_hh) if self.config.model == "gru" else b_ih + b_hh
 
     def step_weights(self, streams):
         """What step() needs, prepared once for many steps (valid until the parameters change):
