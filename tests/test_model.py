@@ -63,3 +63,25 @@ def test_save_load_round_trip(tmp_path):
     for k, v in model.state_dict().items():
         assert np.array_equal(v, loaded.state_dict()[k]) and loaded.state_dict()[k].dtype == v.dtype
     assert loaded.generate(length=30, seed=3) == model.generate(length=30, seed=3)
+
+
+def greedy(model, ids, length):
+    """The greedy continuation of ids, by forward passes over the whole text so far."""
+    ids = list(ids)
+    for _ in range(length):
+        logits, _ = model.forward(np.array(ids)[:, None])
+        ids.append(int(logits[-1, 0].argmax()))
+    return VOCAB.decode(np.array(ids[-length:])) if model.vocab is VOCAB else ids[-length:]
+
+
+def test_generation_warms_the_state_on_a_line_break_before_the_prime():
+    config = ModelConfig(len(VOCAB), num_layers=2, hidden_size=32, embedding_size=8)
+    model = LanguageModel(config, VOCAB, seed=3, dtype=np.float64).eval()
+    for p in model.state_dict().values():
+        p *= 3  # weights large enough for the greedy path to wander, and to depend on its start
+    prime = model.vocab.encode("ko")
+    warmed = greedy(model, np.concatenate([[VOCAB.index["\n"]], prime]), 12)
+    assert warmed != greedy(model, prime, 12)  # the line break makes a difference here
+    assert model.generate(prime="ko", length=12, argmax=True)[0] == warmed
+    # no prime: the line break alone
+    assert model.generate(length=12, argmax=True)[0] == greedy(model, [VOCAB.index["\n"]], 12)

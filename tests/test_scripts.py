@@ -1,11 +1,16 @@
-"""The scripts under bench/ and examples/ run with their own folder first on sys.path, so a script
-named like a standard-library module would be imported in its place (a bench/profile.py once broke
-PyTorch's import of cProfile in bench/quality.py)."""
+"""The scripts under bench/ and examples/: none named like a standard-library module (a script runs
+with its own folder first on sys.path, so a bench/profile.py once broke PyTorch's import of cProfile in
+bench/quality.py), and bench/warmup.py on a small checkpoint."""
 
+import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from nanolstm import LanguageModel, ModelConfig
+from nanolstm.data import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -14,3 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_no_script_shadows_a_standard_module(folder):
     names = {p.stem for p in (ROOT / folder).glob("*.py")}
     assert not names & set(sys.stdlib_module_names), sorted(names & set(sys.stdlib_module_names))
+
+
+def test_the_warm_up_benchmark_runs_on_a_checkpoint(tmp_path, capsys):
+    text = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 40
+    vocab = Vocab.build_chars(text)
+    LanguageModel(ModelConfig(len(vocab), hidden_size=16, embedding_size=8), vocab, seed=0).save(tmp_path / "m.ckpt")
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    script = runpy.run_path(str(ROOT / "bench" / "warmup.py"))
+    script["main"]([str(tmp_path / "m.ckpt"), "--data", str(tmp_path / "corpus.txt"), "--starts", "8",
+                    "--length", "10", "--context", "20"])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [r[:28].strip() for r in rows] == ["zero state", "a line break (generate)", "20 tokens of the text"]
+    assert all(np.isfinite(float(r.split()[-4])) for r in rows)

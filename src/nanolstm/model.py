@@ -161,7 +161,8 @@ class LanguageModel(Module):
 
     def generate(self, prime="", length=200, temperature=1.0, top_k=None, top_p=None, argmax=False,
                  seed=None, num_samples=1, unknown="error", on_text=None):
-        """Generate num_samples texts of `length` new tokens each, after warming the state on prime.
+        """Generate num_samples texts of `length` new tokens each, after warming the state on a line
+        break (when the vocabulary has one) and then on prime.
 
         Returns a list of num_samples strings, the prime not included but spaced so that prime + text
         reads right (a word model's sample starts with a space where one belongs). on_text, if given,
@@ -195,8 +196,15 @@ class LanguageModel(Module):
         def decode(seq):
             return vocab.decode(np.concatenate([context, seq]))[skip:]
 
-        if len(ids) == 0:  # no prime: start from a line break, or the first token
-            ids = np.array([vocab.index.get("\n", 0)])
+        # The state starts at zero and is warmed on a line break, then on the prime. A model trained
+        # with its state carried from batch to batch has met a zero state only in its first steps;
+        # from it, a prime that opens mid-line (a name in capitals, say) can derail the sample into
+        # noise, while the start of a line is familiar ground (README, "Generation").
+        start = vocab.index.get("\n")
+        if start is not None:
+            ids = np.concatenate([[start], ids])
+        elif len(ids) == 0:  # no prime and no line break: start from the first token
+            ids = np.array([0])
         rng = np.random.default_rng(seed)
         was_training = self.training
         self.eval()
