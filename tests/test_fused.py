@@ -191,3 +191,23 @@ def test_other_dtypes_fall_back_to_the_reference_cells(restore_cells):
     out, _ = layer.forward(np.ones((2, 1, 3)))
     dx, _ = layer.backward(np.ones_like(out))
     assert out.dtype == np.float16 and dx.dtype == np.float16 and np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_add_rows_sums_the_rows_of_each_index(dtype):
+    """fused.add_rows against the NumPy embedding gradient (sort and np.add.reduceat), with indices
+    repeated, absent and out of order, and rows G*H wide as the folded first layer passes them."""
+    rng = np.random.default_rng(4)
+    idx = rng.integers(0, 30, (50, 7))
+    idx[idx == 3] = 4  # index 3 absent
+    rows = rng.standard_normal((50, 7, 96)).astype(dtype)
+    saved = dict(F._compiled)
+    F._compiled.clear()
+    try:
+        expected = F.embedding_backward(rows, (idx, (30, 96)))
+    finally:
+        F._compiled.update(saved)
+    actual = np.zeros((30, 96), dtype)
+    fused.add_rows(idx.reshape(-1), rows.reshape(-1, 96), actual)
+    assert rel_error(actual, expected) < TOL[dtype]
+    assert not actual[3].any()

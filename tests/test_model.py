@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from nanolstm import functional as F
 from nanolstm.data import Vocab
 from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
 from nanolstm.gradcheck import check_gradients
@@ -17,12 +18,13 @@ def make(kind, dropout=0.0, layers=2):
     return LanguageModel(config, VOCAB, seed=1, dtype=np.float64)
 
 
+@pytest.mark.parametrize("T, N", [(4, 3), (6, 4)])  # 12 tokens < V = 18: unfolded; 24: folded
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_model_gradients(kind):
+def test_model_gradients(kind, T, N):
     model = make(kind, dropout=0.3)
     rng = np.random.default_rng(0)
-    x = rng.integers(0, len(VOCAB), (4, 3))
-    y = rng.integers(0, len(VOCAB), (4, 3))
+    x = rng.integers(0, len(VOCAB), (T, N))
+    y = rng.integers(0, len(VOCAB), (T, N))
 
     def loss():
         model.rng.bit_generator.state = np.random.default_rng(5).bit_generator.state  # fixed masks
@@ -36,6 +38,51 @@ def test_model_gradients(kind):
     model.backward(cross_entropy_backward(loss.cache))
     errors = check_gradients(loss, model.state_dict(), model.named_grads())
     assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_the_folded_embedding_gives_the_unfolded_results(kind, dtype, tol, monkeypatch):
+    """With a batch of more tokens than the vocabulary has, forward hands the first layer a Lookup
+    (when the compiled row sums are in use): the same logits, state and gradients as the embedding
+    looked up first. A token the batch lacks has an infinite row, which must touch nothing."""
+
+    config = ModelConfig(len(VOCAB), model=kind, num_layers=2, hidden_size=8, embedding_size=5)
+    model = LanguageModel(config, VOCAB, seed=2, dtype=dtype)
+    rng = np.random.default_rng(3)
+    x = rng.integers(1, len(VOCAB), (7, 5))  # token 0 is not in the batch
+    y = rng.integers(0, len(VOCAB), (7, 5))
+    model.embedding.params["weight"][0] = np.inf
+    results = []
+    for fold in (True, False):
+        monkeypatch.setattr(F, "fold_lookup", lambda vocab_size, tokens: fold)
+        model.zero_grad()
+        logits, state = model.forward(x)
+        assert model._folded == fold
+        loss, cache = cross_entropy_forward(logits, y)
+        model.backward(cross_entropy_backward(cache))
+        results.append((logits, state, {k: g.copy() for k, g in model.named_grads().items()}))
+    (logits, state, grads), (logits_ref, state_ref, grads_ref) = results
+    np.testing.assert_allclose(logits, logits_ref, rtol=tol, atol=tol)
+    for s, s_ref in zip(state if kind == "lstm" else (state,), state_ref if kind == "lstm" else (state_ref,)):
+        np.testing.assert_allclose(s, s_ref, rtol=tol, atol=tol)
+    for name, g_ref in grads_ref.items():
+        assert np.isfinite(grads[name]).all(), name
+        np.testing.assert_allclose(grads[name], g_ref, rtol=tol, atol=tol, err_msg=name)
+    assert not grads["embedding.weight"][0].any()
+
+
+def test_the_embedding_is_folded_with_more_tokens_than_rows_and_compiled_row_sums(monkeypatch):
+
+    model = make("lstm")
+    monkeypatch.setattr(F, "_compiled", {"add_rows": object()})
+    model.forward(np.zeros((3, 5), np.int64))  # 15 tokens, 18 rows
+    assert not model._folded
+    model.forward(np.zeros((3, 6), np.int64))
+    assert model._folded
+    monkeypatch.setattr(F, "_compiled", {})  # NumPy only: its sum of rows by index is slow
+    model.forward(np.zeros((3, 6), np.int64))
+    assert not model._folded
 
 
 @pytest.mark.parametrize("streams", [1, 4])

@@ -14,6 +14,7 @@ gradients of all T steps) is one large matrix product outside the time loop.
 """
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,10 +61,78 @@ def embedding_backward(dout, cache):
     dweight = np.zeros(shape, dtype=dout.dtype)
     if idx.size == 0:
         return dweight
+    if _compiled.get("add_rows") is not None and dout.dtype in (np.float32, np.float64):
+        _compiled["add_rows"](idx, rows, dweight)  # fused.add_rows: row by row, compiled
+        return dweight
     order = np.argsort(idx, kind="stable")
     present, starts = np.unique(idx[order], return_index=True)
     dweight[present] = np.add.reduceat(rows[order], starts, axis=0)
     return dweight
+
+
+# ---------------------------------------------------------------------------------------------
+# The input side of a recurrent layer: x W_ih^T + bias for all steps at once. Its input may be an
+# embedding not yet looked up (Lookup): one-hot tokens times the embedding times W_ih^T is a row of
+# (embedding W_ih^T), so the product is taken over the V rows of the table rather than the T*N of
+# the batch, and the batch picks rows of it. Backward sums the gradient rows by token first.
+
+
+class Lookup(NamedTuple):
+    """The input x = weight[ids] of a layer, not built: weight (V, D), ids (T, N) in [0, V)."""
+
+    weight: np.ndarray
+    ids: np.ndarray
+
+    @property
+    def shape(self):
+        return self.ids.shape + self.weight.shape[1:]
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+
+def fold_lookup(vocab_size, tokens):
+    """Whether to hand a first recurrent layer its embedding as a Lookup: when the table has at most
+    as many rows as the batch has tokens, and the sum of gradient rows by token is compiled. NumPy's
+    np.add.reduceat is slow on rows G*H wide (96 ms for 6400 x 2048, where the products it saves
+    take 24), so without numba the layer takes the embedded input as it is."""
+    return _compiled.get("add_rows") is not None and vocab_size <= tokens
+
+
+def input_side_forward(x, w_ih, bias):
+    """x (T, N, D) or a Lookup; w_ih (G*H, D); bias (G*H,) -> a (T, N, G*H), a new array."""
+    if isinstance(x, Lookup):
+        present, local = _rows_used(x)
+        table = x.weight[present] @ w_ih.T  # (P, G*H): the rows the batch uses, P <= V
+        table += bias
+        return table[local]
+    T, N, D = x.shape
+    a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, -1)
+    a += bias
+    return a
+
+
+def input_side_backward(da, x, w_ih):
+    """da (T, N, G*H) -> dx (T, N, D), or for a Lookup the gradient of its weight (V, D); dw_ih."""
+    T, N, GH = da.shape
+    da2 = da.reshape(T * N, GH)
+    if isinstance(x, Lookup):
+        present, local = _rows_used(x)
+        dtable = embedding_backward(da2, (local, (len(present), GH)))  # (P, G*H)
+        dweight = np.zeros(x.weight.shape, da.dtype)
+        dweight[present] = dtable @ w_ih
+        return dweight, dtable.T @ x.weight[present]
+    D = x.shape[2]
+    return (da2 @ w_ih).reshape(T, N, D), da2.T @ x.reshape(T * N, D)
+
+
+def _rows_used(x):
+    """A Lookup's rows that its ids use, in order, and the ids renumbered into them. Only those rows
+    enter a product: as with the input built, a row the batch does not use has no part in it (an
+    infinite one would make NaN of 0 * inf)."""
+    used = np.bincount(x.ids.reshape(-1), minlength=x.weight.shape[0]) > 0
+    return np.flatnonzero(used), (np.cumsum(used) - 1)[x.ids]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +270,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     T, N, D = x.shape
     H = w_hh.shape[1]
     cell_forward = _cell("lstm", x.dtype)[0]
-    # the input side of every step at once: one (T*N, D) x (D, 4H) product
-    a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, 4 * H)  # (T, N, 4H)
-    a += b_ih + b_hh
+    a = input_side_forward(x, w_ih, b_ih + b_hh)  # (T, N, 4H): every step at once
     hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
@@ -232,8 +299,7 @@ def lstm_backward(dout, dh_T, dc_T, cache):
         cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
         np.matmul(da[t], w_hh, out=dh)  # dh_{t-1}
     da2 = da.reshape(T * N, 4 * H)
-    dx = (da2 @ w_ih).reshape(T, N, D)
-    dw_ih = da2.T @ x.reshape(T * N, D)
+    dx, dw_ih = input_side_backward(da, x, w_ih)
     dw_hh = da2.T @ hs[:T].reshape(T * N, H)
     db = da2.sum(axis=0)
     return dx, dh, dc, (dw_ih, dw_hh, db, db.copy())
@@ -303,8 +369,7 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     T, N, D = x.shape
     H = w_hh.shape[1]
     cell_forward = _cell("gru", x.dtype)[0]
-    a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, 3 * H)  # (T, N, 3H)
-    a += gru_input_bias(b_ih, b_hh)  # one pass over a
+    a = input_side_forward(x, w_ih, gru_input_bias(b_ih, b_hh))  # (T, N, 3H)
     hs = np.empty((T + 1, N, H), x.dtype)
     hns = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 3 * H), x.dtype)
@@ -335,8 +400,7 @@ def gru_backward(dout, dh_T, cache):
         dh += dh_hw  # dh_{t-1}
     dxa2 = dxa.reshape(T * N, 3 * H)
     dha2 = dha.reshape(T * N, 3 * H)
-    dx = (dxa2 @ w_ih).reshape(T, N, D)
-    dw_ih = dxa2.T @ x.reshape(T * N, D)
+    dx, dw_ih = input_side_backward(dxa, x, w_ih)
     dw_hh = dha2.T @ hs[:T].reshape(T * N, H)
     return dx, dh, (dw_ih, dw_hh, dxa2.sum(axis=0), dha2.sum(axis=0))
 
@@ -350,8 +414,7 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     Returns out (T, N, H), h_T (N, H) and the cache."""
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, H)
-    a += b_ih + b_hh
+    a = input_side_forward(x, w_ih, b_ih + b_hh)  # (T, N, H)
     hs = np.empty((T + 1, N, H), x.dtype)
     hw = np.empty((N, H), x.dtype)
     w_hh_t = _row_major_transpose(w_hh)
@@ -382,8 +445,7 @@ def rnn_backward(dout, dh_T, cache):
             np.multiply(dh, h > 0, out=da[t])
         np.matmul(da[t], w_hh, out=dh)
     da2 = da.reshape(T * N, H)
-    dx = (da2 @ w_ih).reshape(T, N, D)
-    dw_ih = da2.T @ x.reshape(T * N, D)
+    dx, dw_ih = input_side_backward(da, x, w_ih)
     dw_hh = da2.T @ hs[:T].reshape(T * N, H)
     db = da2.sum(axis=0)
     return dx, dh, (dw_ih, dw_hh, db, db.copy())
@@ -425,6 +487,7 @@ _reference_cells = {
     "gru": (gru_cell_forward, gru_cell_backward),
 }
 _cells = dict(_reference_cells)
+_compiled = {}  # other compiled kernels in use: "add_rows" (fused.add_rows)
 
 
 def _cell(kind, dtype):
@@ -446,8 +509,10 @@ def use_numba(enable=True):
             enable = False
         else:
             _cells.update(fused.cells)
+            _compiled["add_rows"] = fused.add_rows
     if not enable:
         _cells.update(_reference_cells)
+        _compiled.clear()
     return enable
 
 

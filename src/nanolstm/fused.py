@@ -204,3 +204,17 @@ cells = {
     "lstm": (lstm_cell_forward, lstm_cell_backward),
     "gru": (gru_cell_forward, gru_cell_backward),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding gradient: rows added into the table row of their index.
+
+
+@_jit
+def add_rows(idx, rows, out):
+    """out[idx[m]] += rows[m] for every m, in order: idx (M,) ints, rows (M, D), out (V, D).
+    As functional.embedding_backward's sort and np.add.reduceat, without the sorted copy of rows."""
+    for m in range(idx.shape[0]):
+        target, row = out[idx[m]], rows[m]
+        for j in range(row.shape[0]):
+            target[j] += row[j]

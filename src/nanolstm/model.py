@@ -84,8 +84,14 @@ class LanguageModel(Module):
         self.children["drop"] = self.drop
 
     def forward(self, x, state=None):
-        """x (T, N) token ids; state from the previous call or None -> logits (T, N, V), state."""
-        e = self.embedding.forward(x)  # (T, N, E)
+        """x (T, N) token ids; state from the previous call or None -> logits (T, N, V), state.
+
+        With a small vocabulary the embedding is folded into the first layer's input product
+        (functional.Lookup): the product over the V rows of the embedding, not the T*N of the batch.
+        """
+        x = np.asarray(x)
+        self._folded = x.ndim == 2 and F.fold_lookup(self.config.vocab_size, x.size)
+        e = self.embedding.lookup(x) if self._folded else self.embedding.forward(x)  # (T, N, E)
         out, state = self.rnn.forward(e, state)  # (T, N, H)
         logits = self.decoder.forward(self.drop.forward(out))  # (T, N, V)
         return logits, state
@@ -94,7 +100,10 @@ class LanguageModel(Module):
         """dlogits (T, N, V): the reverse of forward, layer by layer."""
         dout = self.drop.backward(self.decoder.backward(dlogits))
         de, _ = self.rnn.backward(dout)
-        self.embedding.backward(de)
+        if self._folded:
+            self.embedding.grads["weight"] += de  # (V, E), summed by token in the first layer
+        else:
+            self.embedding.backward(de)
 
     # -----------------------------------------------------------------------------------------
     # Generation

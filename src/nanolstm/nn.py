@@ -141,12 +141,16 @@ class _Recurrent(Module):
     def forward(self, x, state=None):
         """x (T, N, D), or (N, T, D) with batch_first; state as described by the subclass, or None
         for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form."""
-        x = np.asarray(x, dtype=self.dtype)
-        if x.ndim != 3 or x.shape[2] != self.input_size:
-            raise ValueError(f"expected input of shape (T, N, {self.input_size}), got {x.shape}")
-        if self.batch_first:
-            x = x.transpose(1, 0, 2)
-        x = np.ascontiguousarray(x)
+        if isinstance(x, F.Lookup):  # an embedding for the first layer to fold in (LanguageModel)
+            if self.batch_first or x.shape[2] != self.input_size or x.dtype != self.dtype:
+                raise ValueError(f"expected a Lookup of {self.dtype} rows of size {self.input_size}, time first")
+        else:
+            x = np.asarray(x, dtype=self.dtype)
+            if x.ndim != 3 or x.shape[2] != self.input_size:
+                raise ValueError(f"expected input of shape (T, N, {self.input_size}), got {x.shape}")
+            if self.batch_first:
+                x = x.transpose(1, 0, 2)
+            x = np.ascontiguousarray(x)
         L, N, H = self.num_layers, x.shape[1], self.hidden_size
         state = self._state_parts(state, N, "state")
         finals = [np.empty((L, N, H), self.dtype) for _ in state]
@@ -166,8 +170,9 @@ class _Recurrent(Module):
         return out, self._state_out(tuple(finals))
 
     def backward(self, dout, dstate_n=None):
-        """dout like out, dstate_n like the final state (or None for zeros) -> dx like x, and the
-        gradient of the initial state like the state. Parameter gradients add up in .grads."""
+        """dout like out, dstate_n like the final state (or None for zeros) -> dx like x (for a
+        Lookup: the gradient of its weight), and the gradient of the initial state like the state.
+        Parameter gradients add up in .grads."""
         if self._cache is None:
             raise RuntimeError("backward called before forward")
         caches, masks = self._cache
@@ -272,16 +277,24 @@ class Embedding(Module):
 
     def forward(self, idx):
         """idx: integers of any shape S, each in [0, V) -> out (*S, E)."""
+        out, self._cache = F.embedding_forward(self._checked(idx), self.params["weight"])
+        return out
+
+    def backward(self, dout):
+        self.grads["weight"] += F.embedding_backward(np.asarray(dout, self.dtype), self._cache)
+
+    def lookup(self, idx):
+        """idx (T, N), checked as forward checks it -> F.Lookup: the rows not gathered, for a first
+        recurrent layer to fold in. The gradient of the weight comes back from that layer's backward."""
+        return F.Lookup(self.params["weight"], self._checked(idx))
+
+    def _checked(self, idx):
         idx = np.asarray(idx)
         if idx.dtype.kind not in "iu":
             raise ValueError(f"Embedding takes integer indices, got {idx.dtype}")
         if idx.size and (idx.min() < 0 or idx.max() >= self.num_embeddings):
             raise ValueError(f"index out of range [0, {self.num_embeddings})")
-        out, self._cache = F.embedding_forward(idx, self.params["weight"])
-        return out
-
-    def backward(self, dout):
-        self.grads["weight"] += F.embedding_backward(np.asarray(dout, self.dtype), self._cache)
+        return idx
 
 
 class Linear(Module):
