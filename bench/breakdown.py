@@ -2,6 +2,7 @@
 
     python bench/breakdown.py                  # LSTM, H=512, D=512, T=100, N=64 (configuration c's layer 2)
     python bench/breakdown.py --model gru --hidden 128 --input 64 --T 64 --N 32
+    python bench/breakdown.py --input 64 --vocab 84    # and the first layer's input side, folded or not
 
 Each part is run exactly as functional.py runs it, on arrays of the same shapes and layouts, and
 timed alone (best of --repeats), so the parts add up to about the whole pass, which is timed too.
@@ -36,6 +37,9 @@ def main(argv=None):
     p.add_argument("--N", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-numba", action="store_true", help="the NumPy reference cells")
+    p.add_argument("--vocab", type=int, default=0,
+                   help="also time the input side of a first layer whose input is an embedding of this "
+                        "many rows (--input wide), looked up then multiplied, and folded in (Lookup)")
     args = p.parse_args(argv)
     fused = F.use_numba(not args.no_numba)
     H, D, T, N, r = args.hidden, args.input, args.T, args.N, args.repeats
@@ -143,6 +147,30 @@ def main(argv=None):
     print(f"{'whole backward pass':<48} {whole_bwd:8.2f}")
     print("(the whole passes take longer than their parts by the Python of each step and by caches: a part\n"
           " repeated on the same arrays finds them warm)")
+    if args.vocab:
+        input_side(args, f32, w_ih, b_ih + b_hh, da, r)
+
+
+def input_side(args, f32, w_ih, bias, da, repeats):
+    """The first layer's input side from an embedding, both ways, forward and backward."""
+    T, N, V = args.T, args.N, args.vocab
+    embedding = f32(V, args.input)
+    ids = np.random.default_rng(1).integers(0, V, (T, N))
+    lookup = F.Lookup(embedding, ids)
+
+    def looked_up():  # as the Embedding layer and the recurrent layer do it without the fold
+        x = F.embedding_forward(ids, embedding)[0]
+        F.input_side_forward(x, w_ih, bias)
+        dx, _ = F.input_side_backward(da, x, w_ih)
+        F.embedding_backward(dx, (ids, embedding.shape))
+
+    def folded():
+        F.input_side_forward(lookup, w_ih, bias)
+        F.input_side_backward(da, lookup, w_ih)
+
+    print(f"\ninput side of a first layer from an embedding of {V} x {args.input}, forward and backward:")
+    print(f"{'looked up, then T*N rows multiplied':<48} {best_ms(looked_up, repeats):8.2f}")
+    print(f"{'folded in: V rows multiplied (Lookup)':<48} {best_ms(folded, repeats):8.2f}")
 
 
 if __name__ == "__main__":
