@@ -3,6 +3,7 @@
     python bench/breakdown.py                  # LSTM, H=512, D=512, T=100, N=64 (configuration c's layer 2)
     python bench/breakdown.py --model gru --hidden 128 --input 64 --T 64 --N 32
     python bench/breakdown.py --input 64 --vocab 84    # and the first layer's input side, folded or not
+    python bench/breakdown.py --hidden 128 --T 64 --N 32 --step 1   # and a whole training step, by phase
 
 Each part is run exactly as functional.py runs it, on arrays of the same shapes and layouts, and
 timed alone (best of --repeats), so the parts add up to about the whole pass, which is timed too.
@@ -40,6 +41,9 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=0,
                    help="also time the input side of a first layer whose input is an embedding of this "
                         "many rows (--input wide), looked up then multiplied, and folded in (Lookup)")
+    p.add_argument("--step", type=int, default=0, metavar="LAYERS",
+                   help="also time a whole training step of a language model of this many layers "
+                        "(--hidden units, embedding 64, vocabulary 84), phase by phase")
     args = p.parse_args(argv)
     fused = F.use_numba(not args.no_numba)
     H, D, T, N, r = args.hidden, args.input, args.T, args.N, args.repeats
@@ -149,6 +153,8 @@ def main(argv=None):
           " repeated on the same arrays finds them warm)")
     if args.vocab:
         input_side(args, f32, w_ih, b_ih + b_hh, da, r)
+    if args.step:
+        whole_step(args)
 
 
 def input_side(args, f32, w_ih, bias, da, repeats):
@@ -171,6 +177,52 @@ def input_side(args, f32, w_ih, bias, da, repeats):
     print(f"\ninput side of a first layer from an embedding of {V} x {args.input}, forward and backward:")
     print(f"{'looked up, then T*N rows multiplied':<48} {best_ms(looked_up, repeats):8.2f}")
     print(f"{'folded in: V rows multiplied (Lookup)':<48} {best_ms(folded, repeats):8.2f}")
+
+
+def whole_step(args, vocab=84, embedding=64, steps=40):
+    """A training step of the whole language model, as train.py runs it, timed phase by phase (the
+    median of each over `steps` steps on random tokens, after 3 warm-up steps)."""
+    from nanolstm import optim
+    from nanolstm.model import LanguageModel, ModelConfig
+
+    T, N = args.T, args.N
+    config = ModelConfig(vocab_size=vocab, model=args.model, num_layers=args.step,
+                         hidden_size=args.hidden, embedding_size=embedding)
+    model = LanguageModel(config, seed=0, dtype=np.float32)
+    params, grads = model.state_dict(), model.named_grads()
+    opt = optim.Adam(params, grads, lr=2e-3)
+    rng = np.random.default_rng(2)
+    xs, ys = rng.integers(0, vocab, (2, 4, T, N), dtype=np.int32)
+    phases = {"forward (embedding, layers, decoder)": [], "cross-entropy forward": [],
+              "cross-entropy backward": [], "backward (decoder, layers, embedding)": [],
+              "gradient clipping": [], "Adam step": []}
+    state = None
+    for k in range(3 + steps):
+        marks = [time.perf_counter()]
+        model.zero_grad()
+        logits, state = model.forward(xs[k % 4], state)
+        marks.append(time.perf_counter())
+        loss, cache = F.cross_entropy_forward(logits, ys[k % 4])
+        marks.append(time.perf_counter())
+        dlogits = F.cross_entropy_backward(cache)
+        marks.append(time.perf_counter())
+        model.backward(dlogits)
+        marks.append(time.perf_counter())
+        optim.clip_grad_norm(grads, 5.0)
+        float(loss)
+        marks.append(time.perf_counter())
+        opt.step()
+        marks.append(time.perf_counter())
+        if k >= 3:
+            for times, t0, t1 in zip(phases.values(), marks, marks[1:]):
+                times.append(t1 - t0)
+    medians = {name: 1e3 * float(np.median(times)) for name, times in phases.items()}
+    total = sum(medians.values())
+    print(f"\na training step of a {args.step}x{args.hidden} {args.model} language model (T={T} N={N}, "
+          f"embedding {embedding}, vocabulary {vocab}), median of {steps}:")
+    for name, ms in medians.items():
+        print(f"{name:<48} {ms:8.2f} {100 * ms / total:7.1f}%")
+    print(f"{'whole step':<48} {total:8.2f}   {T * N / total * 1e3:,.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The scripts under bench/ and examples/: none named like a standard-library module (a script runs
 with its own folder first on sys.path, so a bench/profile.py once broke PyTorch's import of cProfile in
-bench/quality.py), and bench/warmup.py on a small checkpoint."""
+bench/quality.py), bench/warmup.py on a small checkpoint and bench/breakdown.py at small sizes."""
 
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -32,3 +33,16 @@ def test_the_warm_up_benchmark_runs_on_a_checkpoint(tmp_path, capsys):
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [r[:28].strip() for r in rows] == ["zero state", "a line break (generate)", "20 tokens of the text"]
     assert all(np.isfinite(float(r.split()[-4])) for r in rows)
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru"])
+def test_the_breakdown_times_every_part_and_every_phase(model, capsys):
+    script = runpy.run_path(str(ROOT / "bench" / "breakdown.py"))
+    script["main"](["--model", model, "--hidden", "16", "--input", "8", "--T", "5", "--N", "3",
+                    "--repeats", "2", "--vocab", "10", "--step", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [re.fullmatch(r"(.{48}) +(\d+\.\d\d)( .*)?", line) for line in lines]
+    timed = {row[1].strip(): float(row[2]) for row in rows if row}
+    assert len(timed) == 11 + 4 + 2 + 6 + 1, lines  # parts, sums and wholes, input side, phases, step
+    assert all(np.isfinite(ms) for ms in timed.values()) and timed["whole step"] > 0, timed  # tiny parts print 0.00
+    assert "Adam step" in timed and "whole step" in timed and "folded in: V rows multiplied (Lookup)" in timed
