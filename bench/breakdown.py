@@ -179,10 +179,12 @@ def input_side(args, f32, w_ih, bias, da, repeats):
     print(f"{'folded in: V rows multiplied (Lookup)':<48} {best_ms(folded, repeats):8.2f}")
 
 
-def whole_step(args, vocab=84, embedding=64, steps=40):
-    """A training step of the whole language model, as train.py runs it, timed phase by phase (the
-    median of each over `steps` steps on random tokens, after 3 warm-up steps)."""
+def whole_step(args, steps=40):
+    """A training step of the whole language model, as train.py runs it and with the settings of
+    `nanolstm bench`, timed phase by phase (the median of each over `steps` steps on random tokens,
+    after 3 warm-up steps)."""
     from nanolstm import optim
+    from nanolstm.bench import CLIP, LR, E as embedding, V as vocab
     from nanolstm.model import LanguageModel, ModelConfig
 
     T, N = args.T, args.N
@@ -190,7 +192,7 @@ def whole_step(args, vocab=84, embedding=64, steps=40):
                          hidden_size=args.hidden, embedding_size=embedding)
     model = LanguageModel(config, seed=0, dtype=np.float32)
     params, grads = model.state_dict(), model.named_grads()
-    opt = optim.Adam(params, grads, lr=2e-3)
+    opt = optim.Adam(params, grads, lr=LR)
     rng = np.random.default_rng(2)
     xs, ys = rng.integers(0, vocab, (2, 4, T, N), dtype=np.int32)
     phases = {"forward (embedding, layers, decoder)": [], "cross-entropy forward": [],
@@ -208,7 +210,7 @@ def whole_step(args, vocab=84, embedding=64, steps=40):
         marks.append(time.perf_counter())
         model.backward(dlogits)
         marks.append(time.perf_counter())
-        optim.clip_grad_norm(grads, 5.0)
+        optim.clip_grad_norm(grads, CLIP)
         float(loss)
         marks.append(time.perf_counter())
         opt.step()
