@@ -140,35 +140,41 @@ def _ours_setup(spec):
     return {"fused": use_numba(spec.get("numba", True))}
 
 
-def measure_train_ours(spec, info):
+def _timed_training(model, batch, spec):
+    """Time train.py's step (forward, loss, backward, clip, Adam) on `model`, step i on batch(i);
+    the median of spec["steps"] timed steps after spec["warmup"], as tokens/s."""
     from nanolstm import optim
     from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
-    from nanolstm.model import LanguageModel, ModelConfig
 
-    T, N = spec["T"], spec["N"]
-    config = ModelConfig(vocab_size=V, model=spec["model"], num_layers=spec["layers"],
-                         hidden_size=spec["hidden"], embedding_size=E)
-    model = LanguageModel(config, seed=0, dtype=np.float32)
     params, grads = model.state_dict(), model.named_grads()
     opt = optim.Adam(params, grads, lr=LR)
-    xs, ys = _random_batches(T, N)
-    run = {"k": 0, "state": None}
+    run = {"i": 0, "state": None}
 
-    def step():  # as train.py's loop: forward, loss, backward, clip, update
-        k = run["k"] % len(xs)
+    def step():
+        x, y = batch(run["i"])
         model.zero_grad()
-        logits, new_state = model.forward(xs[k], run["state"])
-        loss, cache = cross_entropy_forward(logits, ys[k])
+        logits, new_state = model.forward(x, run["state"])
+        loss, cache = cross_entropy_forward(logits, y)
         model.backward(cross_entropy_backward(cache))
         optim.clip_grad_norm(grads, CLIP)
         float(loss)
         opt.step()
-        run["state"], run["k"] = new_state, run["k"] + 1
+        run["state"], run["i"] = new_state, run["i"] + 1
 
     times = _timed(step, spec["warmup"], spec["steps"])
-    out = _median_throughput(times, T * N)
+    out = _median_throughput(times, spec["T"] * spec["N"])
     out["tokens_per_s"] = out.pop("per_s")
     return out
+
+
+def measure_train_ours(spec, info):
+    from nanolstm.model import LanguageModel, ModelConfig
+
+    config = ModelConfig(vocab_size=V, model=spec["model"], num_layers=spec["layers"],
+                         hidden_size=spec["hidden"], embedding_size=E)
+    model = LanguageModel(config, seed=0, dtype=np.float32)
+    xs, ys = _random_batches(spec["T"], spec["N"])
+    return _timed_training(model, lambda i: (xs[i % len(xs)], ys[i % len(xs)]), spec)
 
 
 def _torch_info():
@@ -353,41 +359,21 @@ def measure_encode(spec, info):
 def measure_data_train(spec, info):
     """Training tokens/s through Batches on a corpus of spec["chars"] characters, the batches drawn
     from all over it."""
-    from nanolstm import optim
     from nanolstm.data import Batches, Vocab, encode_chars
-    from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
     from nanolstm.model import LanguageModel, ModelConfig
 
     base, source = _base_text()
     vocab = Vocab.build_chars(base)  # the same vocabulary, so the same model, at every corpus size
     ids, _ = encode_chars(_corpus(base, spec["chars"]), vocab)
     del base
-    T, N = spec["T"], spec["N"]
-    batches = Batches(ids, N, T)
+    batches = Batches(ids, spec["N"], spec["T"])
     config = ModelConfig(vocab_size=len(vocab), model="lstm", num_layers=spec["layers"],
                          hidden_size=spec["hidden"], embedding_size=E)
     model = LanguageModel(config, vocab, seed=0)
-    params, grads = model.state_dict(), model.named_grads()
-    opt = optim.Adam(params, grads, lr=LR)
     order = np.linspace(0, len(batches) - 1, spec["warmup"] + spec["steps"]).astype(int)
-    run = {"i": 0, "state": None}
-
-    def step():
-        x, y = batches[int(order[run["i"]])]
-        model.zero_grad()
-        logits, new_state = model.forward(x, run["state"])
-        loss, cache = cross_entropy_forward(logits, y)
-        model.backward(cross_entropy_backward(cache))
-        optim.clip_grad_norm(grads, CLIP)
-        float(loss)
-        opt.step()
-        run["state"], run["i"] = new_state, run["i"] + 1
-
-    times = _timed(step, spec["warmup"], spec["steps"])
-    out = _median_throughput(times, T * N)
-    out["tokens_per_s"] = out.pop("per_s")
+    out = _timed_training(model, lambda i: batches[int(order[i])], spec)
     out.update(chars=len(ids), source=source, batches=len(batches), vocab=len(vocab),
-               layers=spec["layers"], hidden=spec["hidden"], T=T, N=N)
+               layers=spec["layers"], hidden=spec["hidden"], T=spec["T"], N=spec["N"])
     return out
 
 
