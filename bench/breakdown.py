@@ -14,6 +14,7 @@ Run it on an idle machine: OpenBLAS's threads spin while they wait, so other wor
 import argparse
 import time
 
+import nanolstm  # noqa: F401  (before NumPy, so that OpenBLAS's threads sleep; see nanolstm/__init__.py)
 import numpy as np
 
 from nanolstm import functional as F
@@ -66,7 +67,6 @@ def main(argv=None):
         rows.append((name, ms, flops / ms / 1e6 if flops else None))
 
     # the parts, each as the layer functions do it
-    w_hh_t = F._row_major_transpose(w_hh)
     hw = np.empty((N, G * H), np.float32)
     a = f32(T, N, G * H)
     da = f32(T, N, G * H)
@@ -77,11 +77,12 @@ def main(argv=None):
     part("forward: input products x W_ih^T, one call", lambda: x.reshape(T * N, D) @ w_ih.T, big)
     a_in = a.copy()
     part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
-    part("forward: W_hh^T copied row-major, once", lambda: F._row_major_transpose(w_hh))
+    part("forward: W_hh prepared for the loop, once", lambda: F.loop_product(w_hh, N))
+    times_w_hh_t = F.loop_product(w_hh, N)
 
     def forward_products():
         for t in range(T):
-            np.matmul(hs[t], w_hh_t, out=hw)
+            times_w_hh_t(hs[t], hw)
 
     part(f"forward: {T} recurrent products h W_hh^T", forward_products, T * per_step)
     cell_forward, cell_backward = F._cell(args.model, np.float32)
@@ -114,9 +115,12 @@ def main(argv=None):
     part(f"forward: {T} cells", forward_cells)
     part(f"backward: {T} cells", backward_cells)
 
+    part("backward: W_hh prepared for the loop, once", lambda: F.loop_product(w_hh.T, N))
+    times_w_hh = F.loop_product(w_hh.T, N)
+
     def backward_products():
         for t in range(T):
-            np.matmul(da[t], w_hh, out=dh)
+            times_w_hh(da[t], dh)
 
     part(f"backward: {T} recurrent products da W_hh", backward_products, T * per_step)
     da2, x2, h2 = da.reshape(T * N, G * H), x.reshape(T * N, D), hs[:T].reshape(T * N, H)
@@ -138,8 +142,10 @@ def main(argv=None):
     whole_fwd = best_ms(whole_forward, r)
     whole_bwd = best_ms(lambda: backward(dout, *state, cache), r)
 
+    packed = "numba, packed weights" if F._compiled.get("blas_threads_sleep") else "BLAS"
     print(f"{args.model} layer: H={H} D={D} T={T} N={N}, float32, cells: "
-          f"{'numba fused' if fused else 'NumPy reference'}; large square product {peak:.0f} GFLOP/s")
+          f"{'numba fused' if fused else 'NumPy reference'}, loop products: {packed}; "
+          f"large square product {peak:.0f} GFLOP/s")
     print(f"{'part':<48} {'ms':>8} {'GFLOP/s':>8}")
     for name, ms, gflops in rows:
         print(f"{name:<48} {ms:8.2f} {'' if gflops is None else f'{gflops:8.0f}':>8}")

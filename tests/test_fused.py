@@ -211,3 +211,119 @@ def test_add_rows_sums_the_rows_of_each_index(dtype):
     fused.add_rows(idx.reshape(-1), rows.reshape(-1, 96), actual)
     assert rel_error(actual, expected) < TOL[dtype]
     assert not actual[3].any()
+
+
+# ---------------------------------------------------------------------------------------------
+# The time loops' products on packed weights (fused.pack, fused.matmul_packed, loop_product).
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (2, 3, 31), (7, 5, 32), (8, 16, 33), (9, 64, 84),
+                                   (17, 128, 512), (64, 512, 2048)])
+def test_packed_product_matches_numpy(M, K, N):
+    """Rows not a multiple of 8 and columns not a multiple of 32 included: every entry written, each
+    within float32 rounding of the exact product."""
+    rng = np.random.default_rng(M + K + N)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    out = np.full((M, N), np.nan, np.float32)
+    fused.matmul_packed(x, fused.pack(w), out)
+    exact = x.astype(np.float64) @ w.astype(np.float64).T
+    bound = (K + 1) * np.finfo(np.float32).eps * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64).T)
+    assert np.all(np.abs(out - exact) <= bound)
+    assert rel_error(out, x @ w.T) < 1e-6
+
+
+def test_pack_lays_out_panels_of_32_columns():
+    w = np.arange(40 * 3, dtype=np.float32).reshape(40, 3)  # N=40: one whole panel and 8 columns
+    panels = fused.pack(w)
+    assert panels.shape == (2, 3, 32) and panels.flags.c_contiguous
+    np.testing.assert_array_equal(panels[0], w[:32].T)
+    np.testing.assert_array_equal(panels[1, :, :8], w[32:].T)
+    assert not panels[1, :, 8:].any()
+    np.testing.assert_array_equal(fused.pack(np.ascontiguousarray(w.T).T), panels)  # from a view
+
+
+@pytest.fixture
+def packed_loops(monkeypatch, restore_cells):
+    """The loop products on packed weights whatever the BLAS's threads do (only speed depends on
+    them); the BLAS ones with packed_loops(False)."""
+    assert nl.use_numba(True)
+
+    def choose(packed):
+        monkeypatch.setitem(F._compiled, "blas_threads_sleep", packed)
+
+    choose(True)
+    return choose
+
+
+def test_loop_product_packs_float32_weights_for_more_than_one_row(packed_loops):
+    w = np.ones((5, 3), np.float32)
+    x = np.ones((2, 3), np.float32)
+    for rows, dtype, packed in [(2, np.float32, True), (1, np.float32, False), (2, np.float64, False)]:
+        product = F.loop_product(w.astype(dtype), rows)
+        assert ("panels" in product.__code__.co_freevars) == packed, (rows, dtype)
+        out = np.empty((rows, 5), dtype)
+        product(x[:rows].astype(dtype), out)
+        np.testing.assert_array_equal(out, 3)
+    packed_loops(False)
+    assert "panels" not in F.loop_product(w, 2).__code__.co_freevars
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("seed", range(2))
+def test_layers_match_with_packed_and_blas_loop_products(kind, seed, packed_loops):
+    """Whole float32 layers, forward and backward: products of 8-row blocks with a partial last one,
+    and panels with a partial last one."""
+    rng = np.random.default_rng(seed)
+    T, N, D, H, L = 5, 11, 6, 37, 2
+    layer = getattr(nl, kind)(D, H, num_layers=L, dtype=np.float32, rng=rng)
+    h0 = tuple(rng.standard_normal((L, N, H)).astype(np.float32) for _ in range(2 if kind == "LSTM" else 1))
+    state = h0 if kind == "LSTM" else h0[0]
+    x = rng.standard_normal((T, N, D)).astype(np.float32)
+    dout = rng.standard_normal((T, N, H)).astype(np.float32)
+    packed = forward_backward(layer, x, state, dout, state)
+    packed_loops(False)
+    blas = forward_backward(layer, x, state, dout, state)
+    for name in blas:
+        both = (packed[name], blas[name])
+        for a, b in zip(*both) if isinstance(blas[name], tuple) else [both]:
+            assert rel_error(a, b) < 1e-6, name
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_generation_steps_match_with_packed_and_blas_products(kind, packed_loops):
+    model = nl.LanguageModel(nl.ModelConfig(vocab_size=50, model=kind, num_layers=2, hidden_size=40,
+                                            embedding_size=8), seed=0, dtype=np.float32)
+    tokens = np.arange(10) * 3
+    _, state = model.forward(tokens[None])
+    logits = {}
+    for packed in (True, False):
+        packed_loops(packed)
+        weights, s, out = model.step_weights(len(tokens)), state, []
+        for _ in range(4):
+            step_logits, s = model.step(tokens, s, weights)
+            out.append(step_logits)
+        logits[packed] = np.stack(out)
+    assert rel_error(logits[True], logits[False]) < 1e-6
+
+
+@pytest.mark.parametrize("preamble,env,expected", [
+    ("import nanolstm", {}, ("1", True)),  # nanolstm first: it sets the timeout before NumPy loads
+    ("import numpy, nanolstm", {}, (None, False)),  # NumPy first: too late, the loops keep the BLAS
+    ("import numpy, nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "1"}, ("1", True)),  # the user set it
+    ("import nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "28"}, ("28", False)),  # the user's own: kept
+])
+def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, expected):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (f"{preamble}; import os, json; from nanolstm import functional as F; "
+            "print(json.dumps([os.environ.get('OPENBLAS_THREAD_TIMEOUT'), F._compiled['blas_threads_sleep']]))")
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         check=True).stdout
+    timeout, sleeps = json.loads(out)
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    assert (timeout, sleeps) == (expected[0], expected[1] and "openblas" in blas.lower())

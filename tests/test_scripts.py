@@ -43,6 +43,6 @@ def test_the_breakdown_times_every_part_and_every_phase(model, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [re.fullmatch(r"(.{48}) +(\d+\.\d\d)( .*)?", line) for line in lines]
     timed = {row[1].strip(): float(row[2]) for row in rows if row}
-    assert len(timed) == 11 + 4 + 2 + 6 + 1, lines  # parts, sums and wholes, input side, phases, step
+    assert len(timed) == 12 + 4 + 2 + 6 + 1, lines  # parts, sums and wholes, input side, phases, step
     assert all(np.isfinite(ms) for ms in timed.values()) and timed["whole step"] > 0, timed  # tiny parts print 0.00
     assert "Adam step" in timed and "whole step" in timed and "folded in: V rows multiplied (Lookup)" in timed

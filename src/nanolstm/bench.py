@@ -75,7 +75,7 @@ QUICK = {"train": QUICK_TRAIN_CONFIGS, "steps": 2, "warmup": 1,
          "timeout": 300}
 
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-SHOWN_VARS = BLAS_VARS + ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SHOWN_VARS = BLAS_VARS + ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def train_flops_per_token(model, layers, hidden, embedding=E, vocab=V):
@@ -134,10 +134,12 @@ def measure_peak(spec, info):
 
 
 def _ours_setup(spec):
-    """Choose nanolstm's cells: numba's fused ones if asked for and available, else NumPy's."""
-    from nanolstm.functional import use_numba
+    """Choose nanolstm's cells: numba's fused ones if asked for and available, else NumPy's; and say
+    whether the time loops' products are numba's on packed weights (functional.loop_product)."""
+    from nanolstm import functional
 
-    return {"fused": use_numba(spec.get("numba", True))}
+    fused = functional.use_numba(spec.get("numba", True))
+    return {"fused": fused, "packed": bool(functional._compiled.get("blas_threads_sleep"))}
 
 
 def _timed_training(model, batch, spec):
@@ -629,9 +631,9 @@ class Runner:
             best[key]["runs"] = [_speed(r) if _ok(r) else None for r in results]
         return best
 
-    def cells(self, flags):
+    def cells(self, flags, packed):
         if all(flags):
-            return "numba fused"
+            return "numba fused, loop products " + ("on packed weights" if all(packed) else "by the BLAS")
         if not self.numba:
             return "NumPy reference (--no-numba)"
         return "NumPy reference (numba or nanolstm.fused not available)"
@@ -731,9 +733,8 @@ def collect(args, log):
             out["baseline"] = {"tutorial": base, "nanolstm_config_a_tokens_per_s": ours_a.get("tokens_per_s"),
                                "nanolstm_over_tutorial": _ratio(ours_a.get("tokens_per_s"),
                                                                 base.get("tokens_per_s"))}
-        flags = [e["ours"]["fused"] for part in ("train", "generate") for e in out.get(part, {}).values()
-                 if _ok(e["ours"])]
-        out["cells"] = runner.cells(flags) if flags else None
+        ours = [e["ours"] for part in ("train", "generate") for e in out.get(part, {}).values() if _ok(e["ours"])]
+        out["cells"] = runner.cells([o["fused"] for o in ours], [o.get("packed") for o in ours]) if ours else None
 
     if "data" in only:  # the BLAS hardly matters here: one environment is enough
         env_name, env = next(iter(envs.items()))

@@ -203,15 +203,43 @@ def cross_entropy_backward(cache, dloss=1.0):
 
 
 # ---------------------------------------------------------------------------------------------
-# The product of each step, h_{t-1} (N, H) @ W_hh^T, has few rows, and OpenBLAS runs such a product
-# faster when its right operand is stored row by row than when it is the transposed view W_hh.T:
-# 1.15x for the whole forward pass at H=128, N=32 (4.98 -> 4.32 ms), 1.04x at H=512, N=64. So the
-# forward passes copy W_hh^T once, before their loop. Backward's da_t @ W_hh is row by row already.
+# The product of each step by one weight, h_{t-1} (N, H) @ W_hh^T forward and da_t (N, G*H) @ W_hh
+# backward, has few rows, and a time loop takes T of them with the same weight. A BLAS repacks the
+# weight at every call, a large part of the work at so few rows; `nanolstm.fused` packs it once per
+# loop and multiplies by the packed panels (1.4x faster at H=512, N=64, and more at smaller sizes;
+# fused.py says how). That kernel runs on two threads of its own, so it is used only where NumPy's
+# BLAS threads are known to go to sleep as soon as a product ends (blas_threads_sleep): OpenBLAS's
+# otherwise spin for ~0.1 s after each product, on the cores the kernel needs.
+#
+# Without it, the BLAS takes the product with the weight transposed and copied row by row, which
+# OpenBLAS multiplies faster than the transposed view (1.15x for a forward pass at H=128, N=32); with
+# one row (one stream of generation) it is a matrix-vector product, fastest on the view.
 
 
-def _row_major_transpose(w):
-    """w^T as a C-contiguous array."""
-    return np.ascontiguousarray(w.T)
+def blas_threads_sleep():
+    """Whether NumPy's BLAS is OpenBLAS with its threads set to sleep at once after a product
+    (OPENBLAS_THREAD_TIMEOUT, which `import nanolstm` sets when NumPy is not loaded yet)."""
+    import nanolstm
+
+    timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
+    if not (nanolstm.BLAS_TIMEOUT_IN_EFFECT and timeout.isdigit() and int(timeout) <= 10):
+        return False  # OpenBLAS spins 2^timeout cycles, at least 2^4, by default 2^28
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except Exception:  # an older NumPy, or one whose build says nothing of its BLAS
+        return False
+    return "openblas" in str(blas).lower()
+
+
+def loop_product(w, rows):
+    """A function (x, out) -> out = x @ w^T for x (rows, K) and w (N, K), out (rows, N): the product
+    by w of every step of a loop, prepared once."""
+    packed = _compiled.get("matmul_packed")
+    if packed is not None and rows > 1 and w.dtype == np.float32 and _compiled.get("blas_threads_sleep"):
+        panels = _compiled["pack"](w)
+        return lambda x, out: packed(x, panels, out)
+    w_t = np.ascontiguousarray(w.T) if rows > 1 else w.T
+    return lambda x, out: np.matmul(x, w_t, out=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,10 +303,10 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 4 * H), x.dtype)
-    w_hh_t = _row_major_transpose(w_hh)
+    times_w_hh_t = loop_product(w_hh, N)
     hs[0], cs[0] = h0, c0
     for t in range(T):
-        np.matmul(hs[t], w_hh_t, out=hw)
+        times_w_hh_t(hs[t], hw)
         cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
     cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
     return hs[1:], hs[T], cs[T], cache
@@ -294,10 +322,11 @@ def lstm_backward(dout, dh_T, dc_T, cache):
     da = np.empty_like(a)  # (T, N, 4H)
     dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
     dc = np.array(dc_T, x.dtype)
+    times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
         dh += dout[t]
         cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
-        np.matmul(da[t], w_hh, out=dh)  # dh_{t-1}
+        times_w_hh(da[t], dh)  # dh_{t-1}
     da2 = da.reshape(T * N, 4 * H)
     dx, dw_ih = input_side_backward(da, x, w_ih)
     dw_hh = da2.T @ hs[:T].reshape(T * N, H)
@@ -374,10 +403,10 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
     hns = np.empty((T, N, H), x.dtype)
     hw = np.empty((N, 3 * H), x.dtype)
     b_hn = b_hh[2 * H :]
-    w_hh_t = _row_major_transpose(w_hh)
+    times_w_hh_t = loop_product(w_hh, N)
     hs[0] = h0
     for t in range(T):
-        np.matmul(hs[t], w_hh_t, out=hw)
+        times_w_hh_t(hs[t], hw)
         cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
     cache = (x, hs, hns, a, w_ih, w_hh)
     return hs[1:], hs[T], cache
@@ -393,10 +422,11 @@ def gru_backward(dout, dh_T, cache):
     dha = np.empty_like(a)  # (T, N, 3H)
     dh = np.array(dh_T, x.dtype)
     dh_hw = np.empty((N, H), x.dtype)
+    times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
         dh += dout[t]
         cell_backward(dh, a[t], hns[t], hs[t], dxa[t], dha[t])
-        np.matmul(dha[t], w_hh, out=dh_hw)
+        times_w_hh(dha[t], dh_hw)
         dh += dh_hw  # dh_{t-1}
     dxa2 = dxa.reshape(T * N, 3 * H)
     dha2 = dha.reshape(T * N, 3 * H)
@@ -417,10 +447,10 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     a = input_side_forward(x, w_ih, b_ih + b_hh)  # (T, N, H)
     hs = np.empty((T + 1, N, H), x.dtype)
     hw = np.empty((N, H), x.dtype)
-    w_hh_t = _row_major_transpose(w_hh)
+    times_w_hh_t = loop_product(w_hh, N)
     hs[0] = h0
     for t in range(T):
-        np.matmul(hs[t], w_hh_t, out=hw)
+        times_w_hh_t(hs[t], hw)
         hw += a[t]
         if nonlinearity == "tanh":
             np.tanh(hw, out=hs[t + 1])
@@ -436,6 +466,7 @@ def rnn_backward(dout, dh_T, cache):
     H = w_hh.shape[1]
     da = np.empty((T, N, H), x.dtype)
     dh = np.array(dh_T, x.dtype)
+    times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
         dh += dout[t]
         h = hs[t + 1]
@@ -443,7 +474,7 @@ def rnn_backward(dout, dh_T, cache):
             np.multiply(dh, 1 - h * h, out=da[t])
         else:
             np.multiply(dh, h > 0, out=da[t])
-        np.matmul(da[t], w_hh, out=dh)
+        times_w_hh(da[t], dh)
     da2 = da.reshape(T * N, H)
     dx, dw_ih = input_side_backward(da, x, w_ih)
     dw_hh = da2.T @ hs[:T].reshape(T * N, H)
@@ -457,25 +488,32 @@ def rnn_backward(dout, dh_T, cache):
 # (for the first layer of a language model, a row of a table precomputed for every token).
 
 
-def lstm_step(a, h, c, w_hh_t):
-    """a (N, 4H), consumed; h, c (N, H); w_hh_t: W_hh^T (H, 4H) -> h, c of the next step (new arrays)."""
+def lstm_step(a, h, c, times_w_hh_t):
+    """a (N, 4H), consumed; h, c (N, H); times_w_hh_t = loop_product(W_hh, N) -> h, c of the next
+    step (new arrays)."""
     h_new, c_new, tanh_c = np.empty_like(h), np.empty_like(c), np.empty_like(c)
-    _cell("lstm", a.dtype)[0](a, h @ w_hh_t, c, c_new, h_new, tanh_c)
+    hw = np.empty_like(a)
+    times_w_hh_t(h, hw)
+    _cell("lstm", a.dtype)[0](a, hw, c, c_new, h_new, tanh_c)
     return h_new, c_new
 
 
-def gru_step(a, h, w_hh_t, b_hh):
-    """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H); w_hh_t: W_hh^T
-    (H, 3H) -> next h."""
+def gru_step(a, h, times_w_hh_t, b_hh):
+    """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H);
+    times_w_hh_t = loop_product(W_hh, N) -> next h."""
     H = h.shape[1]
-    h_new, hn = np.empty_like(h), np.empty_like(h)
-    _cell("gru", a.dtype)[0](a, h @ w_hh_t, b_hh[2 * H :], h, h_new, hn)
+    h_new, hn, hw = np.empty_like(h), np.empty_like(h), np.empty_like(a)
+    times_w_hh_t(h, hw)
+    _cell("gru", a.dtype)[0](a, hw, b_hh[2 * H :], h, h_new, hn)
     return h_new
 
 
-def rnn_step(a, h, w_hh_t, nonlinearity="tanh"):
-    """a (N, H) with both biases added, consumed; h (N, H); w_hh_t: W_hh^T (H, H) -> next h."""
-    a += h @ w_hh_t
+def rnn_step(a, h, times_w_hh_t, nonlinearity="tanh"):
+    """a (N, H) with both biases added, consumed; h (N, H); times_w_hh_t = loop_product(W_hh, N)
+    -> next h."""
+    hw = np.empty_like(a)
+    times_w_hh_t(h, hw)
+    a += hw
     return np.tanh(a, out=a) if nonlinearity == "tanh" else np.maximum(a, 0, out=a)
 
 
@@ -487,7 +525,7 @@ _reference_cells = {
     "gru": (gru_cell_forward, gru_cell_backward),
 }
 _cells = dict(_reference_cells)
-_compiled = {}  # other compiled kernels in use: "add_rows" (fused.add_rows)
+_compiled = {}  # other compiled kernels in use: fused.add_rows, fused.pack and fused.matmul_packed
 
 
 def _cell(kind, dtype):
@@ -509,7 +547,8 @@ def use_numba(enable=True):
             enable = False
         else:
             _cells.update(fused.cells)
-            _compiled["add_rows"] = fused.add_rows
+            _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
+                             blas_threads_sleep=blas_threads_sleep())
     if not enable:
         _cells.update(_reference_cells)
         _compiled.clear()

@@ -120,23 +120,20 @@ class LanguageModel(Module):
         return F.gru_input_bias(b_ih, b_hh) if self.config.model == "gru" else b_ih + b_hh
 
     def step_weights(self, streams):
-        """What step() needs, prepared once for many steps (valid until the parameters change):
-        "table", input_table(); "layers", per layer (W_ih^T or None for the first layer, W_hh^T,
-        the folded input-side bias, b_hh); "decoder", (W^T, bias).
-
-        The transposed weights are the right operands of (streams, D) @ (D, G*H) products. With
-        several streams they are copied row-major, which OpenBLAS multiplies faster (functional.py,
-        _row_major_transpose); with one stream each product is a matrix-vector product, faster on
-        the transposed view of the weights as they are.
+        """What step() needs for `streams` streams, prepared once for many steps (valid until the
+        parameters change): "table", input_table(); "layers", per layer (the product by W_ih, None
+        for the first layer; the product by W_hh; the folded input-side bias; b_hh); "decoder",
+        (the product by its weight, its bias). Each product is functional.loop_product's: the
+        weight packed once for the compiled kernel, or transposed for the BLAS.
         """
-        rows = F._row_major_transpose if streams > 1 else (lambda w: w.T)
         layers = []
         for layer in range(self.rnn.num_layers):
             w_ih, w_hh, b_ih, b_hh = self.rnn.layer_params(layer)
-            layers.append((None if layer == 0 else rows(w_ih), rows(w_hh), self._folded_bias(b_ih, b_hh),
-                           b_hh))
+            layers.append((None if layer == 0 else F.loop_product(w_ih, streams), F.loop_product(w_hh, streams),
+                           self._folded_bias(b_ih, b_hh), b_hh))
         dec = self.decoder.params
-        return {"table": self.input_table(), "layers": layers, "decoder": (rows(dec["weight"]), dec["bias"])}
+        return {"table": self.input_table(), "layers": layers,
+                "decoder": (F.loop_product(dec["weight"], streams), dec["bias"])}
 
     def step(self, tokens, state, weights=None):
         """One step of inference, without dropout and without a cache for backward.
@@ -150,21 +147,23 @@ class LanguageModel(Module):
         cs = state[1] if kind == "lstm" else None
         new_h, new_c = np.empty_like(hs), (np.empty_like(cs) if cs is not None else None)
         x = None
-        for layer, (w_ih_t, w_hh_t, bias, b_hh) in enumerate(weights["layers"]):
+        for layer, (times_w_ih_t, times_w_hh_t, bias, b_hh) in enumerate(weights["layers"]):
             if layer == 0:
                 a = weights["table"][tokens]  # (N, G*H): a row lookup instead of a product
             else:
-                a = x @ w_ih_t
+                a = np.empty((len(tokens), len(bias)), x.dtype)
+                times_w_ih_t(x, a)
                 a += bias
             if kind == "lstm":
-                new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], w_hh_t)
+                new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], times_w_hh_t)
             elif kind == "gru":
-                new_h[layer] = F.gru_step(a, hs[layer], w_hh_t, b_hh)
+                new_h[layer] = F.gru_step(a, hs[layer], times_w_hh_t, b_hh)
             else:
-                new_h[layer] = F.rnn_step(a, hs[layer], w_hh_t, self.rnn.nonlinearity)
+                new_h[layer] = F.rnn_step(a, hs[layer], times_w_hh_t, self.rnn.nonlinearity)
             x = new_h[layer]
-        w_dec_t, b_dec = weights["decoder"]
-        logits = x @ w_dec_t
+        times_w_dec_t, b_dec = weights["decoder"]
+        logits = np.empty((len(tokens), len(b_dec)), x.dtype)
+        times_w_dec_t(x, logits)
         logits += b_dec  # (N, V)
         return logits, ((new_h, new_c) if kind == "lstm" else new_h)
 
