@@ -217,11 +217,11 @@ def test_add_rows_sums_the_rows_of_each_index(dtype):
 # The time loops' products on packed weights (fused.pack, fused.matmul_packed, loop_product).
 
 
-@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (2, 3, 31), (7, 5, 32), (8, 16, 33), (9, 64, 84),
-                                   (17, 128, 512), (64, 512, 2048)])
+@pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 7, 40), (1, 512, 2048), (2, 3, 31), (7, 5, 32), (8, 16, 33),
+                                   (9, 64, 84), (17, 128, 512), (64, 512, 2048)])
 def test_packed_product_matches_numpy(M, K, N):
-    """Rows not a multiple of 8 and columns not a multiple of 32 included: every entry written, each
-    within float32 rounding of the exact product."""
+    """One row (K split four ways, K = 7 leaving 3), rows not a multiple of 8 and columns not a
+    multiple of 32 included: every entry written, each within float32 rounding of the exact product."""
     rng = np.random.default_rng(M + K + N)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
@@ -256,10 +256,10 @@ def packed_loops(monkeypatch, restore_cells):
     return choose
 
 
-def test_loop_product_packs_float32_weights_for_more_than_one_row(packed_loops):
+def test_loop_product_packs_float32_weights(packed_loops):
     w = np.ones((5, 3), np.float32)
     x = np.ones((2, 3), np.float32)
-    for rows, dtype, packed in [(2, np.float32, True), (1, np.float32, False), (2, np.float64, False)]:
+    for rows, dtype, packed in [(2, np.float32, True), (1, np.float32, True), (2, np.float64, False)]:
         product = F.loop_product(w.astype(dtype), rows)
         assert ("panels" in product.__code__.co_freevars) == packed, (rows, dtype)
         out = np.empty((rows, 5), dtype)
@@ -290,11 +290,12 @@ def test_layers_match_with_packed_and_blas_loop_products(kind, seed, packed_loop
             assert rel_error(a, b) < 1e-6, name
 
 
+@pytest.mark.parametrize("streams", [1, 10])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
-def test_generation_steps_match_with_packed_and_blas_products(kind, packed_loops):
+def test_generation_steps_match_with_packed_and_blas_products(kind, streams, packed_loops):
     model = nl.LanguageModel(nl.ModelConfig(vocab_size=50, model=kind, num_layers=2, hidden_size=40,
                                             embedding_size=8), seed=0, dtype=np.float32)
-    tokens = np.arange(10) * 3
+    tokens = np.arange(streams) * 3
     _, state = model.forward(tokens[None])
     logits = {}
     for packed in (True, False):

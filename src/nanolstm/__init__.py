@@ -3,14 +3,17 @@
 import os
 import sys
 
-# OpenBLAS's threads spin for about 0.1 s after each product before they sleep, and on a machine
-# with as many cores as threads they then hold the cores that the compiled time-loop products
-# (fused.matmul_packed) run on. OPENBLAS_THREAD_TIMEOUT=1 makes them sleep at once; OpenBLAS reads
-# it when it is loaded, so it is set here, before NumPy, unless the user chose a value. When NumPy
-# was loaded first without it, the time loops keep to the BLAS (functional.loop_product).
+# Two kinds of worker threads share the cores: OpenBLAS's, for the large products, and numba's (GNU
+# OpenMP), for the products inside the time loops (fused.matmul_packed). Each spins after its work
+# before it sleeps, OpenBLAS's for about 0.1 s and OpenMP's for a few ms, and a spinning thread holds
+# a core that the other kind needs next. Both libraries read how long to spin when they are loaded,
+# so the limits are set here, before NumPy and numba, unless the user set them: OpenBLAS's threads
+# sleep at once; OpenMP's spin 10,000 rounds (~0.2 ms), enough to bridge the cells between two
+# steps' products. With NumPy loaded first the time loops keep to the BLAS (functional.loop_product).
 BLAS_TIMEOUT_IN_EFFECT = "numpy" not in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ
 if "numpy" not in sys.modules:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 from nanolstm.errors import CheckpointError, DataError, NanolstmError
 from nanolstm.functional import use_numba

@@ -235,7 +235,7 @@ def loop_product(w, rows):
     """A function (x, out) -> out = x @ w^T for x (rows, K) and w (N, K), out (rows, N): the product
     by w of every step of a loop, prepared once."""
     packed = _compiled.get("matmul_packed")
-    if packed is not None and rows > 1 and w.dtype == np.float32 and _compiled.get("blas_threads_sleep"):
+    if packed is not None and w.dtype == np.float32 and _compiled.get("blas_threads_sleep"):
         panels = _compiled["pack"](w)
         return lambda x, out: packed(x, panels, out)
     w_t = np.ascontiguousarray(w.T) if rows > 1 else w.T

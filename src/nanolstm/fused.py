@@ -1,5 +1,6 @@
 """The four recurrent cells of `nanolstm.functional`, compiled by numba: the same signatures and the
-same in-place semantics, with all the gates of a unit computed in one pass and no temporaries.
+same in-place semantics, with all the gates of a unit computed in one pass and no temporaries. And,
+at the end, the product of a time loop's steps by weights packed once (matmul_packed).
 
 The NumPy cells in functional.py are the reference: tests/test_fused.py checks these against them,
 every output and every array overwritten in place, and whole layers with `use_numba` on and off.
@@ -25,11 +26,14 @@ Most of the gain is SIMD code, which LLVM only makes of the loops below because:
   the same exp. Against float64: exp within 1 ulp on [-87, 0], sigmoid within 1.7e-7 relative
   (NumPy's float32 one: 2.6e-7), tanh within 9e-8 absolute (np.tanh: 6e-8). float64 uses math.exp.
 
-Serial loops, not `parallel=True` with prange over the N rows. On a quiet machine two threads took
+The cells are serial loops, not `parallel=True` with prange over the N rows. On a quiet machine two threads took
 a draft of the bare H=512 cell from 84 to 67 us forward and 29 to 20 us backward; but each of the
 2T calls must wake the other thread, and under load, or with OpenBLAS's threads spinning, that
 wait is the scheduler's: numba's OpenMP layer took the lstm pass above from 0.5 s to 2.4 s (~8 ms
 a call), and its workqueue layer, with one BLAS thread, was no faster than serial (964 ms, 946).
+matmul_packed does run on numba's threads: its calls are longer (0.6 ms at H=512, N=64), it replaces
+the BLAS inside the loop, and it is only used where OpenBLAS's threads sleep after a product
+(functional.loop_product).
 
 Compiled once per machine and dtype (`cache=True`): numba keeps the machine code in __pycache__ next
 to this file or, when site-packages is read-only, in the user's cache directory (checked: a second
@@ -279,6 +283,25 @@ def matmul_packed(x, panels, out):
         width = min(_NR, N - j0)
         acc = carray(_block_on_stack(), (_MR, _NR))
         for i0 in range(0, M, _MR):
+            if i0 == M - 1:  # a single row (one stream of generation): k split four ways, so
+                # that four rows of sums, not one, take turns in the multiply-add units
+                for i in range(4):
+                    for j in range(_NR):
+                        acc[i, j] = 0
+                for k in range(0, K - 3, 4):
+                    x0, x1, x2, x3 = x[i0, k], x[i0, k + 1], x[i0, k + 2], x[i0, k + 3]
+                    for j in range(_NR):
+                        acc[0, j] += x0 * w[k, j]
+                        acc[1, j] += x1 * w[k + 1, j]
+                        acc[2, j] += x2 * w[k + 2, j]
+                        acc[3, j] += x3 * w[k + 3, j]
+                for k in range(K - K % 4, K):
+                    x0 = x[i0, k]
+                    for j in range(_NR):
+                        acc[0, j] += x0 * w[k, j]
+                for j in range(width):
+                    out[i0, j0 + j] = (acc[0, j] + acc[1, j]) + (acc[2, j] + acc[3, j])
+                break
             # a last block of fewer than 8 rows repeats its last row; those sums are not stored
             r0, r1, r2, r3 = i0, min(i0 + 1, M - 1), min(i0 + 2, M - 1), min(i0 + 3, M - 1)
             r4, r5, r6, r7 = min(i0 + 4, M - 1), min(i0 + 5, M - 1), min(i0 + 6, M - 1), min(i0 + 7, M - 1)
