@@ -80,3 +80,17 @@ def test_tutorial_baseline_computes_true_gradients():
     _, grads, _, _ = model.loss_and_grads(inputs, targets, h0, c0)
     errors = check_gradients(lambda: model.loss_and_grads(inputs, targets, h0, c0)[0], model.p, grads)
     assert max(errors.values()) < 1e-6, errors
+
+
+def test_child_environments_leave_out_the_thread_settings_nanolstm_made(monkeypatch):
+    """PyTorch's processes run as the user's environment has them; ours set the values again on import."""
+    import nanolstm
+
+    monkeypatch.setattr(nanolstm, "THREAD_ENV_SET", {"GOMP_SPINCOUNT": "10000", "OPENBLAS_THREAD_TIMEOUT": "1"})
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")  # as nanolstm set it
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "4")  # the user's own value, not nanolstm's
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Zen")
+    envs = bench.environments("both")
+    for env in envs.values():
+        assert "GOMP_SPINCOUNT" not in env and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
+    assert "OPENBLAS_CORETYPE" not in envs["default"] and envs["haswell"]["OPENBLAS_CORETYPE"] == "Haswell"

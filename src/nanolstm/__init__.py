@@ -11,9 +11,10 @@ import sys
 # sleep at once; OpenMP's spin 10,000 rounds (~0.2 ms), enough to bridge the cells between two
 # steps' products. With NumPy loaded first the time loops keep to the BLAS (functional.loop_product).
 BLAS_TIMEOUT_IN_EFFECT = "numpy" not in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ
-if "numpy" not in sys.modules:
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "1")
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+THREAD_ENV_SET = {}  # what was set here (the benchmark gives PyTorch's processes the user's own)
+for _name, _value in [("OPENBLAS_THREAD_TIMEOUT", "1"), ("GOMP_SPINCOUNT", "10000")]:
+    if _name not in os.environ and (_name != "OPENBLAS_THREAD_TIMEOUT" or "numpy" not in sys.modules):
+        os.environ[_name] = THREAD_ENV_SET[_name] = _value
 
 from nanolstm.errors import CheckpointError, DataError, NanolstmError
 from nanolstm.functional import use_numba

@@ -75,7 +75,7 @@ QUICK = {"train": QUICK_TRAIN_CONFIGS, "steps": 2, "warmup": 1,
          "timeout": 300}
 
 BLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-SHOWN_VARS = BLAS_VARS + ("OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SHOWN_VARS = BLAS_VARS + ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def train_flops_per_token(model, layers, hidden, embedding=E, vocab=V):
@@ -505,7 +505,7 @@ def worker(spec):
     info["wall_s"] = time.perf_counter() - t0
     info["peak_rss_mb"] = _peak_mb()
     info["blas"] = _blas_info()
-    info["env"] = {k: os.environ.get(k) for k in SHOWN_VARS}
+    info["env"] = {k: os.environ.get(k) for k in SHOWN_VARS + ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
     return info
 
 
@@ -515,7 +515,10 @@ def worker(spec):
 
 def environments(which):
     """name -> environment for the child processes."""
-    base = dict(os.environ)
+    import nanolstm
+
+    # not the thread settings that importing nanolstm made: ours set them again, PyTorch's go without
+    base = {k: v for k, v in os.environ.items() if nanolstm.THREAD_ENV_SET.get(k) != v}
     src = str(Path(__file__).resolve().parents[1])  # the children import this very nanolstm
     base["PYTHONPATH"] = os.pathsep.join([src] + [p for p in [base.get("PYTHONPATH")] if p])
     envs = {}
