@@ -313,6 +313,7 @@ def test_generation_steps_match_with_packed_and_blas_products(kind, streams, pac
     ("import numpy, nanolstm", {}, (None, False)),  # NumPy first: too late, the loops keep the BLAS
     ("import numpy, nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "1"}, ("1", True)),  # the user set it
     ("import nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "28"}, ("28", False)),  # the user's own: kept
+    ("import nanolstm", {"NANOLSTM_NUMBA": "0"}, (None, False)),  # no compiled kernels: nothing set
 ])
 def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, expected):
     import json
@@ -321,8 +322,9 @@ def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, e
     import sys
 
     code = (f"{preamble}; import os, json; from nanolstm import functional as F; "
-            "print(json.dumps([os.environ.get('OPENBLAS_THREAD_TIMEOUT'), F._compiled['blas_threads_sleep']]))")
-    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+            "print(json.dumps([os.environ.get('OPENBLAS_THREAD_TIMEOUT'), "
+            "bool(F._compiled.get('blas_threads_sleep'))]))")
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "NANOLSTM_NUMBA")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          check=True).stdout
     timeout, sleeps = json.loads(out)

@@ -2,6 +2,7 @@
 
 import os
 import sys
+from importlib.util import find_spec
 
 # Two kinds of worker threads share the cores: OpenBLAS's, for the large products, and numba's (GNU
 # OpenMP), for the products inside the time loops (fused.matmul_packed). Each spins after its work
@@ -9,12 +10,15 @@ import sys
 # a core that the other kind needs next. Both libraries read how long to spin when they are loaded,
 # so the limits are set here, before NumPy and numba, unless the user set them: OpenBLAS's threads
 # sleep at once; OpenMP's spin 10,000 rounds (~0.2 ms), enough to bridge the cells between two
-# steps' products. With NumPy loaded first the time loops keep to the BLAS (functional.loop_product).
+# steps' products. Only where the compiled kernels will run: without them the time loops multiply
+# through the BLAS, whose threads are better left spinning between the steps' small products. With
+# NumPy loaded first the time loops keep to the BLAS too (functional.loop_product).
 BLAS_TIMEOUT_IN_EFFECT = "numpy" not in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ
 THREAD_ENV_SET = {}  # what was set here (the benchmark gives PyTorch's processes the user's own)
-for _name, _value in [("OPENBLAS_THREAD_TIMEOUT", "1"), ("GOMP_SPINCOUNT", "10000")]:
-    if _name not in os.environ and (_name != "OPENBLAS_THREAD_TIMEOUT" or "numpy" not in sys.modules):
-        os.environ[_name] = THREAD_ENV_SET[_name] = _value
+if os.environ.get("NANOLSTM_NUMBA", "1") != "0" and find_spec("numba") is not None:
+    for _name, _value in [("OPENBLAS_THREAD_TIMEOUT", "1"), ("GOMP_SPINCOUNT", "10000")]:
+        if _name not in os.environ and (_name != "OPENBLAS_THREAD_TIMEOUT" or "numpy" not in sys.modules):
+            os.environ[_name] = THREAD_ENV_SET[_name] = _value
 
 from nanolstm.errors import CheckpointError, DataError, NanolstmError
 from nanolstm.functional import use_numba

@@ -532,6 +532,8 @@ def environments(which):
 def measure(kind, spec, env, timeout):
     """Run one measurement in a child process; its result, or {"error": ...}."""
     spec = dict(spec, kind=kind)
+    if spec.get("numba") is False:  # the NumPy reference, with the BLAS's threads as NumPy leaves them
+        env = dict(env, NANOLSTM_NUMBA="0")
     cmd = [sys.executable, "-m", "nanolstm.bench", "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
