@@ -142,7 +142,7 @@ def main(argv=None):
     whole_fwd = best_ms(whole_forward, r)
     whole_bwd = best_ms(lambda: backward(dout, *state, cache), r)
 
-    packed = "numba, packed weights" if F._compiled.get("blas_threads_sleep") else "BLAS"
+    packed = "numba, packed weights" if F._compiled.get("packed_loops") else "BLAS"
     print(f"{args.model} layer: H={H} D={D} T={T} N={N}, float32, cells: "
           f"{'numba fused' if fused else 'NumPy reference'}, loop products: {packed}; "
           f"large square product {peak:.0f} GFLOP/s")

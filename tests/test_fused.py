@@ -250,7 +250,7 @@ def packed_loops(monkeypatch, restore_cells):
     assert nl.use_numba(True)
 
     def choose(packed):
-        monkeypatch.setitem(F._compiled, "blas_threads_sleep", packed)
+        monkeypatch.setitem(F._compiled, "packed_loops", packed)
 
     choose(True)
     return choose
@@ -323,10 +323,24 @@ def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, e
 
     code = (f"{preamble}; import os, json; from nanolstm import functional as F; "
             "print(json.dumps([os.environ.get('OPENBLAS_THREAD_TIMEOUT'), "
-            "bool(F._compiled.get('blas_threads_sleep'))]))")
+            "bool(F._compiled.get('packed_loops'))]))")
     base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "NANOLSTM_NUMBA")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          check=True).stdout
     timeout, sleeps = json.loads(out)
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
     assert (timeout, sleeps) == (expected[0], expected[1] and "openblas" in blas.lower())
+
+
+def test_packed_loop_products_only_on_numba_openmp_threads(monkeypatch):
+    from numba import config
+
+    monkeypatch.setattr(config, "THREADING_LAYER", "workqueue")
+    assert not fused.threads_on_openmp()
+    monkeypatch.setattr(config, "THREADING_LAYER", "omp")
+    try:
+        import numba.np.ufunc.omppool  # noqa: F401
+    except ImportError:
+        assert not fused.threads_on_openmp()
+    else:
+        assert fused.threads_on_openmp()

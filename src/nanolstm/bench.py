@@ -139,7 +139,7 @@ def _ours_setup(spec):
     from nanolstm import functional
 
     fused = functional.use_numba(spec.get("numba", True))
-    return {"fused": fused, "packed": bool(functional._compiled.get("blas_threads_sleep"))}
+    return {"fused": fused, "packed": bool(functional._compiled.get("packed_loops"))}
 
 
 def _timed_training(model, batch, spec):

@@ -207,9 +207,10 @@ def cross_entropy_backward(cache, dloss=1.0):
 # backward, has few rows, and a time loop takes T of them with the same weight. A BLAS repacks the
 # weight at every call, a large part of the work at so few rows; `nanolstm.fused` packs it once per
 # loop and multiplies by the packed panels (1.4x faster at H=512, N=64, and more at smaller sizes;
-# fused.py says how). That kernel runs on two threads of its own, so it is used only where NumPy's
-# BLAS threads are known to go to sleep as soon as a product ends (blas_threads_sleep): OpenBLAS's
-# otherwise spin for ~0.1 s after each product, on the cores the kernel needs.
+# fused.py says how). That kernel runs on numba's threads, so it is used only where NumPy's BLAS
+# threads are known to go to sleep as soon as a product ends (blas_threads_sleep: OpenBLAS's
+# otherwise spin for ~0.1 s after each product, on the cores the kernel needs), and where numba's
+# threads are OpenMP's, which stay awake between two steps (fused.threads_on_openmp).
 #
 # Without it, the BLAS takes the product with the weight transposed and copied row by row, which
 # OpenBLAS multiplies faster than the transposed view (1.15x for a forward pass at H=128, N=32); with
@@ -235,7 +236,7 @@ def loop_product(w, rows):
     """A function (x, out) -> out = x @ w^T for x (rows, K) and w (N, K), out (rows, N): the product
     by w of every step of a loop, prepared once."""
     packed = _compiled.get("matmul_packed")
-    if packed is not None and w.dtype == np.float32 and _compiled.get("blas_threads_sleep"):
+    if packed is not None and w.dtype == np.float32 and _compiled.get("packed_loops"):
         panels = _compiled["pack"](w)
         return lambda x, out: packed(x, panels, out)
     w_t = np.ascontiguousarray(w.T) if rows > 1 else w.T
@@ -548,7 +549,7 @@ def use_numba(enable=True):
         else:
             _cells.update(fused.cells)
             _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
-                             blas_threads_sleep=blas_threads_sleep())
+                             packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
     if not enable:
         _cells.update(_reference_cells)
         _compiled.clear()

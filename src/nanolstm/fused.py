@@ -249,6 +249,26 @@ def add_rows(idx, rows, out):
 # against OpenBLAS's 192 at 6400 x 512 x 2048: it does not block x for the caches), so the products
 # that cover all steps at once stay with the BLAS.
 
+def threads_on_openmp():
+    """Whether numba's parallel loops will run on its OpenMP threading layer, which keeps its threads
+    awake (spinning, GOMP_SPINCOUNT) for a moment between two loops. Its workqueue layer puts them
+    to sleep after each loop, and the products of a time loop then ran at half speed (104 against
+    199 GFLOP/s at H=256, N=32); TBB's layer, which numba prefers when TBB is installed, is untried."""
+    import importlib
+
+    from numba import config
+
+    if config.THREADING_LAYER not in ("default", "omp"):
+        return False
+    for layer in (["tbbpool"] if config.THREADING_LAYER == "default" else []) + ["omppool"]:
+        try:
+            importlib.import_module(f"numba.np.ufunc.{layer}")
+        except ImportError:
+            continue
+        return layer == "omppool"
+    return False
+
+
 _NR = 32  # columns of the output per panel
 _MR = 8  # rows of x per block
 
