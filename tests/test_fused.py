@@ -344,3 +344,13 @@ def test_packed_loop_products_only_on_numba_openmp_threads(monkeypatch):
         assert not fused.threads_on_openmp()
     else:
         assert fused.threads_on_openmp()
+
+
+def test_packed_loop_product_leaves_other_input_dtypes_to_numpy(packed_loops):
+    """float64 steps beside float32 weights are multiplied as NumPy would, not in float32."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((40, 30)).astype(np.float32)
+    x = rng.standard_normal((9, 30))
+    out = np.empty((9, 40))
+    F.loop_product(w, 9)(x, out)
+    assert rel_error(out, x @ w.T.astype(np.float64)) < 1e-14

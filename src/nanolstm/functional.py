@@ -238,7 +238,14 @@ def loop_product(w, rows):
     packed = _compiled.get("matmul_packed")
     if packed is not None and w.dtype == np.float32 and _compiled.get("packed_loops"):
         panels = _compiled["pack"](w)
-        return lambda x, out: packed(x, panels, out)
+
+        def product(x, out):
+            if x.dtype == out.dtype == np.float32:
+                packed(x, panels, out)
+            else:  # another dtype beside float32 weights: as NumPy would, not in float32
+                np.matmul(x, w.T, out=out)
+
+        return product
     w_t = np.ascontiguousarray(w.T) if rows > 1 else w.T
     return lambda x, out: np.matmul(x, w_t, out=out)
 
