@@ -91,6 +91,7 @@ def bad_corpora(tmp_path):
     (["--level", "x"], ["--level", "'x'"]),
     (["--optimizer", "lbfgs"], ["--optimizer"]),
     (["--hidden-size", "many"], ["--hidden-size", "many"]),
+    (["--sample-length", str(10**30)], ["--sample-length", "at most 1,000,000"]),  # not at the first evaluation
     (["--no-such-option"], ["--no-such-option"]),
 ])
 def test_bad_training_input_is_one_line_and_status_2(tmp_path, capsys, args, needles):
@@ -127,6 +128,7 @@ def test_bad_sampling_input_is_one_line_and_status_2(run, tmp_path, capsys):
         ([run, "--top-p", "1.5"], ["--top-p"]),
         ([run, "--top-p", "0"], ["--top-p"]),
         ([run, "--length", "-1"], ["--length"]),
+        ([run, "--length", str(10**30)], ["--length", "too large"]),  # beyond any array: not a traceback
         ([run, "--num-samples", "0"], ["--num-samples"]),
         ([run, "--unknown", "replace"], ["--unknown"]),
     ]

@@ -55,7 +55,8 @@ def _train_parser(sub):
     a("--max-steps", type=int, help="updates to make (default 1500)")
     a("--epochs", type=float, help="passes over the training split, instead of --max-steps")
     a("--eval-every", type=int, help="steps between evaluations and checkpoints (default 250)")
-    a("--sample-length", type=int, help="length of the preview at each evaluation, 0 for none (default 200)")
+    a("--sample-length", type=int, help="length of the preview at each evaluation, 0 for none, at most 1,000,000 "
+                                       "(default 200)")
     a("--seed", type=int, help="random seed (default 0)")
     a("--on-nan", choices=["stop", "skip"], help="when the loss is NaN: stop (default) or skip the update")
     a("--dtype", choices=["float32", "float64"], help="(default float32)")

@@ -221,7 +221,10 @@ class LanguageModel(Module):
             logits, state = self.forward(x)  # warm the state on the whole prime at once
             logits = logits[-1]  # (N, V)
             weights = self.step_weights(num_samples)
-            out = np.empty((length, num_samples), np.int64)
+            try:
+                out = np.empty((length, num_samples), np.int64)
+            except (ValueError, OverflowError):  # more than any memory could hold (else MemoryError)
+                raise NanolstmError(f"--length {length:,} is too large to generate; ask for fewer tokens") from None
             emitted = ""
             for t in range(length):
                 tok = next_tokens(logits, rng, temperature, top_k, top_p, argmax)  # (N,)

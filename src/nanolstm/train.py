@@ -26,6 +26,9 @@ from nanolstm.model import LanguageModel, ModelConfig, check_fits
 from nanolstm.outdir import OutputLock, write_atomic
 
 
+MAX_SAMPLE_LENGTH = 1_000_000
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Every option of a training run; the command line's flags have the same names."""
@@ -85,6 +88,9 @@ class TrainConfig:
             v = getattr(self, name)
             if not is_int(v) or v < 0:
                 raise NanolstmError(f"{flag(name)} must be an integer >= 0, got {v!r}")
+        if self.sample_length > MAX_SAMPLE_LENGTH:  # refused now, not at the first evaluation
+            raise NanolstmError(f"--sample-length must be at most {MAX_SAMPLE_LENGTH:,} (a preview printed at "
+                                f"each evaluation), got {self.sample_length:,}")
         choices = {"level": ("char", "word"), "model": ("lstm", "gru", "rnn"),
                    "optimizer": tuple(optim.OPTIMIZERS), "lr_schedule": ("constant", "step", "cosine"),
                    "on_nan": ("stop", "skip"), "dtype": ("float32", "float64")}
