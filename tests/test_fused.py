@@ -329,7 +329,7 @@ def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, e
                          check=True).stdout
     timeout, sleeps = json.loads(out)
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
-    assert (timeout, sleeps) == (expected[0], expected[1] and "openblas" in blas.lower())
+    assert (timeout, sleeps) == (expected[0], expected[1] and "openblas" in blas.lower() and fused.threads_on_openmp())
 
 
 def test_packed_loop_products_only_on_numba_openmp_threads(monkeypatch):
