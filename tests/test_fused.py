@@ -263,8 +263,11 @@ def test_loop_product_packs_float32_weights(packed_loops):
         product = F.loop_product(w.astype(dtype), rows)
         assert ("panels" in product.__code__.co_freevars) == packed, (rows, dtype)
         out = np.empty((rows, 5), dtype)
-        product(x[:rows].astype(dtype), out)
+        assert product(x[:rows].astype(dtype), out) is out
         np.testing.assert_array_equal(out, 3)
+        fresh = product(x[:rows].astype(dtype))  # no out: a new array of the input's dtype
+        assert fresh.shape == (rows, 5) and fresh.dtype == dtype
+        np.testing.assert_array_equal(fresh, 3)
     packed_loops(False)
     assert "panels" not in F.loop_product(w, 2).__code__.co_freevars
 

@@ -233,21 +233,23 @@ def blas_threads_sleep():
 
 
 def loop_product(w, rows):
-    """A function (x, out) -> out = x @ w^T for x (rows, K) and w (N, K), out (rows, N): the product
-    by w of every step of a loop, prepared once."""
+    """A function (x, out=None) -> out = x @ w^T for x (rows, K) and w (N, K), out (rows, N), a new
+    array when not given: the product by w of every step of a loop, prepared once."""
     packed = _compiled.get("matmul_packed")
     if packed is not None and w.dtype == np.float32 and _compiled.get("packed_loops"):
         panels = _compiled["pack"](w)
 
-        def product(x, out):
+        def product(x, out=None):
+            out = np.empty((x.shape[0], w.shape[0]), x.dtype) if out is None else out
             if x.dtype == out.dtype == np.float32:
                 packed(x, panels, out)
             else:  # another dtype beside float32 weights: as NumPy would, not in float32
                 np.matmul(x, w.T, out=out)
+            return out
 
         return product
     w_t = np.ascontiguousarray(w.T) if rows > 1 else w.T
-    return lambda x, out: np.matmul(x, w_t, out=out)
+    return lambda x, out=None: np.matmul(x, w_t, out=out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,9 +502,7 @@ def lstm_step(a, h, c, times_w_hh_t):
     """a (N, 4H), consumed; h, c (N, H); times_w_hh_t = loop_product(W_hh, N) -> h, c of the next
     step (new arrays)."""
     h_new, c_new, tanh_c = np.empty_like(h), np.empty_like(c), np.empty_like(c)
-    hw = np.empty_like(a)
-    times_w_hh_t(h, hw)
-    _cell("lstm", a.dtype)[0](a, hw, c, c_new, h_new, tanh_c)
+    _cell("lstm", a.dtype)[0](a, times_w_hh_t(h), c, c_new, h_new, tanh_c)
     return h_new, c_new
 
 
@@ -510,18 +510,15 @@ def gru_step(a, h, times_w_hh_t, b_hh):
     """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H);
     times_w_hh_t = loop_product(W_hh, N) -> next h."""
     H = h.shape[1]
-    h_new, hn, hw = np.empty_like(h), np.empty_like(h), np.empty_like(a)
-    times_w_hh_t(h, hw)
-    _cell("gru", a.dtype)[0](a, hw, b_hh[2 * H :], h, h_new, hn)
+    h_new, hn = np.empty_like(h), np.empty_like(h)
+    _cell("gru", a.dtype)[0](a, times_w_hh_t(h), b_hh[2 * H :], h, h_new, hn)
     return h_new
 
 
 def rnn_step(a, h, times_w_hh_t, nonlinearity="tanh"):
     """a (N, H) with both biases added, consumed; h (N, H); times_w_hh_t = loop_product(W_hh, N)
     -> next h."""
-    hw = np.empty_like(a)
-    times_w_hh_t(h, hw)
-    a += hw
+    a += times_w_hh_t(h)
     return np.tanh(a, out=a) if nonlinearity == "tanh" else np.maximum(a, 0, out=a)
 
 

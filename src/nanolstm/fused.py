@@ -27,10 +27,10 @@ Most of the gain is SIMD code, which LLVM only makes of the loops below because:
   the same exp. Against float64: exp within 1 ulp on [-87, 0], sigmoid within 1.7e-7 relative
   (NumPy's float32 one: 2.6e-7), tanh within 9e-8 absolute (np.tanh: 6e-8). float64 uses math.exp.
 
-The cells are serial loops, not `parallel=True` with prange over the N rows. On a quiet machine two threads took
-a draft of the bare H=512 cell from 84 to 67 us forward and 29 to 20 us backward; but each of the
-2T calls must wake the other thread, and under load, or with OpenBLAS's threads spinning, that
-wait is the scheduler's: numba's OpenMP layer took the lstm pass above from 0.5 s to 2.4 s (~8 ms
+The cells are serial loops, not `parallel=True` with prange over the N rows. On a quiet machine
+two threads took a draft of the bare H=512 cell from 84 to 67 us forward and 29 to 20 us backward;
+but each of the 2T calls must wake the other thread, and under load, or with OpenBLAS's threads
+spinning, that wait is the scheduler's: numba's OpenMP layer took the lstm pass above from 0.5 s to 2.4 s (~8 ms
 a call), and its workqueue layer, with one BLAS thread, was no faster than serial (964 ms, 946).
 matmul_packed does run on numba's threads: its calls are longer (0.6 ms at H=512, N=64), it replaces
 the BLAS inside the loop, and it is only used where OpenBLAS's threads sleep after a product
@@ -249,6 +249,7 @@ def add_rows(idx, rows, out):
 # matrix-vector product 45 us). For products of thousands of rows it has no gain (162 GFLOP/s
 # against OpenBLAS's 192 at 6400 x 512 x 2048: it does not block x for the caches), so the products
 # that cover all steps at once stay with the BLAS.
+
 
 def threads_on_openmp():
     """Whether numba's parallel loops will run on its OpenMP threading layer, which keeps its threads

@@ -151,8 +151,7 @@ class LanguageModel(Module):
             if layer == 0:
                 a = weights["table"][tokens]  # (N, G*H): a row lookup instead of a product
             else:
-                a = np.empty((len(tokens), len(bias)), x.dtype)
-                times_w_ih_t(x, a)
+                a = times_w_ih_t(x)
                 a += bias
             if kind == "lstm":
                 new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], times_w_hh_t)
@@ -162,8 +161,7 @@ class LanguageModel(Module):
                 new_h[layer] = F.rnn_step(a, hs[layer], times_w_hh_t, self.rnn.nonlinearity)
             x = new_h[layer]
         times_w_dec_t, b_dec = weights["decoder"]
-        logits = np.empty((len(tokens), len(b_dec)), x.dtype)
-        times_w_dec_t(x, logits)
+        logits = times_w_dec_t(x)
         logits += b_dec  # (N, V)
         return logits, ((new_h, new_c) if kind == "lstm" else new_h)
 
