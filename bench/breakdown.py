@@ -77,52 +77,30 @@ def main(argv=None):
     part("forward: input products x W_ih^T, one call", lambda: x.reshape(T * N, D) @ w_ih.T, big)
     a_in = a.copy()
     part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
-    part("forward: W_hh prepared for the loop, once", lambda: F.loop_product(w_hh, N))
-    times_w_hh_t = F.loop_product(w_hh, N)
-
-    def forward_products():
-        for t in range(T):
-            times_w_hh_t(hs[t], hw)
-
-    part(f"forward: {T} recurrent products h W_hh^T", forward_products, T * per_step)
-    cell_forward, cell_backward = F._cell(args.model, np.float32)
+    loop_forward, loop_backward = F._loop(args.model, np.float32)
+    dc = f32(N, H)
     if args.model == "lstm":
         cs, tanh_cs = f32(T + 1, N, H), np.empty((T, N, H), np.float32)
 
-        def forward_cells():
-            for t in range(T):
-                cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
+        def forward_loop():
+            loop_forward(a, hs, cs, tanh_cs, w_hh)
 
-        dc = f32(N, H)
-
-        def backward_cells():
+        def backward_loop():
             dh[...], dc[...] = 0.1, 0.1  # the state of a real pass, not what earlier runs left
-            for t in range(T):
-                cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
+            loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh)
     else:
         hns, dha = np.empty((T, N, H), np.float32), f32(T, N, G * H)
         b_hn = b_hh[2 * H :]
 
-        def forward_cells():
-            for t in range(T):
-                cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
+        def forward_loop():
+            loop_forward(a, hs, hns, b_hn, w_hh)
 
-        def backward_cells():
+        def backward_loop():
             dh[...] = 0.1
-            for t in range(T):
-                cell_backward(dh, a[t], hns[t], hs[t], da[t], dha[t])
+            loop_backward(dout, dh, a, hns, hs, da, dha, w_hh)
 
-    part(f"forward: {T} cells", forward_cells)
-    part(f"backward: {T} cells", backward_cells)
-
-    part("backward: W_hh prepared for the loop, once", lambda: F.loop_product(w_hh.T, N))
-    times_w_hh = F.loop_product(w_hh.T, N)
-
-    def backward_products():
-        for t in range(T):
-            times_w_hh(da[t], dh)
-
-    part(f"backward: {T} recurrent products da W_hh", backward_products, T * per_step)
+    part(f"forward: the time loop, {T} products and cells", forward_loop, T * per_step)
+    part(f"backward: the time loop, {T} cells and products", backward_loop, T * per_step)
     da2, x2, h2 = da.reshape(T * N, G * H), x.reshape(T * N, D), hs[:T].reshape(T * N, H)
     part("backward: dx = da W_ih, one call", lambda: da2 @ w_ih, big)
     part("backward: dW_ih = da^T x, one call", lambda: da2.T @ x2, big)
@@ -142,6 +120,48 @@ def main(argv=None):
     whole_fwd = best_ms(whole_forward, r)
     whole_bwd = best_ms(lambda: backward(dout, *state, cache), r)
 
+    alone = []  # the loop's two parts, step by step, each without the other
+
+    def alone_part(name, fn, flops=None):
+        ms = best_ms(fn, r)
+        alone.append((name, ms, flops / ms / 1e6 if flops else None))
+
+    times_w_hh_t, times_w_hh = F.loop_product(w_hh, N), F.loop_product(w_hh.T, N)
+
+    def forward_products():
+        for t in range(T):
+            times_w_hh_t(hs[t], hw)
+
+    def backward_products():
+        for t in range(T):
+            times_w_hh(da[t], dh)
+
+    cell_forward, cell_backward = F._cell(args.model, np.float32)
+    if args.model == "lstm":
+        def forward_cells():
+            for t in range(T):
+                cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
+
+        def backward_cells():
+            dh[...], dc[...] = 0.1, 0.1
+            for t in range(T):
+                cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
+    else:
+        def forward_cells():
+            for t in range(T):
+                cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
+
+        def backward_cells():
+            dh[...] = 0.1
+            for t in range(T):
+                cell_backward(dh, a[t], hns[t], hs[t], da[t], dha[t])
+
+    alone_part("W_hh packed for a loop, once", lambda: F.loop_product(w_hh, N))
+    alone_part(f"{T} products h W_hh^T, both threads on each", forward_products, T * per_step)
+    alone_part(f"{T} forward cells, one thread", forward_cells)
+    alone_part(f"{T} backward cells, one thread", backward_cells)
+    alone_part(f"{T} products da W_hh, both threads on each", backward_products, T * per_step)
+
     packed = "numba, packed weights" if F._compiled.get("packed_loops") else "BLAS"
     print(f"{args.model} layer: H={H} D={D} T={T} N={N}, float32, cells: "
           f"{'numba fused' if fused else 'NumPy reference'}, loop products: {packed}; "
@@ -155,8 +175,14 @@ def main(argv=None):
     print(f"{'whole forward pass':<48} {whole_fwd:8.2f}")
     print(f"{'sum of the backward parts':<48} {parts_bwd:8.2f}")
     print(f"{'whole backward pass':<48} {whole_bwd:8.2f}")
-    print("(the whole passes take longer than their parts by the Python of each step and by caches: a part\n"
-          " repeated on the same arrays finds them warm)")
+    print("(the whole passes take longer than their parts by caches: a part repeated on the same arrays\n"
+          " finds them warm)")
+    compiled = F._loop(args.model, np.float32) != F._reference_loops[args.model]
+    how = ("shares the rows between the threads, each taking its rows through every step" if compiled
+           else "runs them so, one after the other")
+    print(f"\nthe time loop's parts alone, step by step (the loop above {how}):")
+    for name, ms, gflops in alone:
+        print(f"{name:<48} {ms:8.2f} {'' if gflops is None else f'{gflops:8.0f}':>8}")
     if args.vocab:
         input_side(args, f32, w_ih, b_ih + b_hh, da, r)
     if args.step:

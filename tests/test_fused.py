@@ -273,19 +273,36 @@ def test_loop_product_packs_float32_weights(packed_loops):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("seed", range(2))
-def test_layers_match_with_packed_and_blas_loop_products(kind, seed, packed_loops):
-    """Whole float32 layers, forward and backward: products of 8-row blocks with a partial last one,
-    and panels with a partial last one."""
+@pytest.mark.parametrize("seed,N,threads", [(0, 11, None), (1, 11, None), (2, 1, None), (3, 7, None),
+                                            (4, 33, None), (5, 33, 1)])
+def test_layers_match_with_packed_and_blas_loop_products(kind, seed, N, threads, packed_loops):
+    """Whole float32 layers, forward and backward: the LSTM's and GRU's time loops compiled whole
+    (fused.loops, the rows shared between the threads: 11 rows as 5 + 6, 33 as 16 + 17; fewer than
+    9 rows, or one thread, on one) against the loops of functional.py with the BLAS's products; the
+    RNN's step-by-step packed products. Products of 8-row blocks with a partial last one, and panels
+    with a partial last one."""
+    numba = pytest.importorskip("numba")
+    if threads is not None:
+        saved_threads = numba.get_num_threads()
+        numba.set_num_threads(threads)
     rng = np.random.default_rng(seed)
-    T, N, D, H, L = 5, 11, 6, 37, 2
+    T, D, H, L = 5, 6, 37, 2
+    if kind != "RNN":
+        assert F._loop(kind.lower(), np.float32) == fused.loops[kind.lower()]
+        assert fused._shares(N) == (1 if N <= 8 or threads == 1 else 2)
     layer = getattr(nl, kind)(D, H, num_layers=L, dtype=np.float32, rng=rng)
     h0 = tuple(rng.standard_normal((L, N, H)).astype(np.float32) for _ in range(2 if kind == "LSTM" else 1))
     state = h0 if kind == "LSTM" else h0[0]
     x = rng.standard_normal((T, N, D)).astype(np.float32)
     dout = rng.standard_normal((T, N, H)).astype(np.float32)
-    packed = forward_backward(layer, x, state, dout, state)
+    try:
+        packed = forward_backward(layer, x, state, dout, state)
+    finally:
+        if threads is not None:
+            numba.set_num_threads(saved_threads)
     packed_loops(False)
+    if kind != "RNN":
+        assert F._loop(kind.lower(), np.float32) == F._reference_loops[kind.lower()]
     blas = forward_backward(layer, x, state, dout, state)
     for name in blas:
         both = (packed[name], blas[name])

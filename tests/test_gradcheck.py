@@ -121,3 +121,36 @@ def test_wrong_state_shapes_are_refused():
     out, _ = layer.forward(x)
     with pytest.raises(ValueError, match="dstate_n"):
         layer.backward(np.zeros_like(out), (np.zeros((1, 5, 4)), np.zeros((1, 5, 4))))
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_layers_reuse_their_large_arrays_but_not_what_they_return(kind):
+    """A layer keeps the pre-activations and their gradient from one call to the next
+    (functional._scratch), and a call gives what a fresh layer gives; what it returns is new."""
+    rng = np.random.default_rng(0)
+    layer = getattr(nl, kind)(4, 5, num_layers=2, dtype=np.float32, rng=rng)
+    twin = getattr(nl, kind)(4, 5, num_layers=2, dtype=np.float32, rng=rng)
+    twin.load_state_dict(layer.state_dict())
+    x1, x2 = rng.standard_normal((2, 6, 3, 4)).astype(np.float32)
+    dout = rng.standard_normal((6, 3, 5)).astype(np.float32)
+    out1, _ = layer.forward(x1)
+    dx1, _ = layer.backward(dout)
+    returned = [out1.copy(), dx1.copy()]
+    kept = [w["a"] for w in layer._work_forward] + list(layer._work_backward.values())
+
+    layer.zero_grad()
+    out2, _ = layer.forward(x2)
+    dx2, _ = layer.backward(dout)
+    now = [w["a"] for w in layer._work_forward] + list(layer._work_backward.values())
+    assert len(now) == len(kept) and all(a is b for a, b in zip(now, kept))
+    np.testing.assert_array_equal(out1, returned[0])
+    np.testing.assert_array_equal(dx1, returned[1])
+    out_twin, _ = twin.forward(x2)
+    dx_twin, _ = twin.backward(dout)
+    np.testing.assert_array_equal(out2, out_twin)
+    np.testing.assert_array_equal(dx2, dx_twin)
+    for name, g in twin.named_grads().items():
+        np.testing.assert_array_equal(layer.named_grads()[name], g, err_msg=name)
+
+    layer.forward(x2[:, :2])  # another batch size: new arrays, of its shape
+    assert all(w["a"].shape[1] == 2 for w in layer._work_forward)

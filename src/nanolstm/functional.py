@@ -100,17 +100,20 @@ def fold_lookup(vocab_size, tokens):
     return _compiled.get("add_rows") is not None and vocab_size <= tokens
 
 
-def input_side_forward(x, w_ih, bias):
-    """x (T, N, D) or a Lookup; w_ih (G*H, D); bias (G*H,) -> a (T, N, G*H), a new array."""
+def input_side_forward(x, w_ih, bias, out=None):
+    """x (T, N, D) or a Lookup; w_ih (G*H, D); bias (G*H,) -> a (T, N, G*H), written into out when
+    given (a C-contiguous array of that shape and x's dtype), else a new array."""
+    T, N = x.shape[:2]
+    if out is None:
+        out = np.empty((T, N, w_ih.shape[0]), x.dtype)
     if isinstance(x, Lookup):
         present, local = _rows_used(x)
         table = x.weight[present] @ w_ih.T  # (P, G*H): the rows the batch uses, P <= V
         table += bias
-        return table[local]
-    T, N, D = x.shape
-    a = (x.reshape(T * N, D) @ w_ih.T).reshape(T, N, -1)
-    a += bias
-    return a
+        return np.take(table, local, axis=0, out=out, mode="clip")  # "clip": unbuffered; local is in range
+    np.matmul(x.reshape(T * N, -1), w_ih.T, out=out.reshape(T * N, -1))
+    out += bias
+    return out
 
 
 def input_side_backward(da, x, w_ih):
@@ -133,6 +136,23 @@ def _rows_used(x):
     infinite one would make NaN of 0 * inf)."""
     used = np.bincount(x.ids.reshape(-1), minlength=x.weight.shape[0]) > 0
     return np.flatnonzero(used), (np.cumsum(used) - 1)[x.ids]
+
+
+def _scratch(work, name, shape, dtype):
+    """An array for one of a pass's large intermediates (T x N x G*H), taken from `work` when it
+    holds one of that shape and dtype, and left there for the next call.
+
+    `work` is a dict the caller keeps from one call to the next (nn's recurrent layers do), or None
+    for a new array. A fresh array is memory the kernel has to hand over page by page as it is first
+    written: arrays this large (over glibc's 32 MB) are mapped anew by every np.empty and given back
+    when freed. Reused, they spare a step of configuration c about 30 ms (4%).
+    """
+    if work is None:
+        return np.empty(shape, dtype)
+    buf = work.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = work[name] = np.empty(shape, dtype)
+    return buf
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,44 +319,62 @@ def lstm_cell_backward(dh, dc, a, c_prev, tanh_c, da):
     dc *= f
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    """One LSTM layer over a whole sequence.
-
-    x (T, N, D); h0, c0 (N, H); w_ih (4H, D); w_hh (4H, H); b_ih, b_hh (4H,).
-    Returns out (T, N, H), h_T (N, H), c_T (N, H) and the cache.
-    """
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    cell_forward = _cell("lstm", x.dtype)[0]
-    a = input_side_forward(x, w_ih, b_ih + b_hh)  # (T, N, 4H): every step at once
-    hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
-    cs = np.empty((T + 1, N, H), x.dtype)
-    tanh_cs = np.empty((T, N, H), x.dtype)
-    hw = np.empty((N, 4 * H), x.dtype)
+def lstm_loop_forward(a, hs, cs, tanh_cs, w_hh):
+    """The time loop of lstm_forward, in place: a (T, N, 4H) the input side of the pre-activations
+    in, the activations out; hs, cs (T + 1, N, H) with h0, c0 in row 0, h_t and c_t written to row
+    t + 1; tanh_cs (T, N, H) out."""
+    T, N = a.shape[:2]
+    cell_forward = _cell("lstm", a.dtype)[0]
+    hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
-    hs[0], cs[0] = h0, c0
     for t in range(T):
         times_w_hh_t(hs[t], hw)
         cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
-    cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
-    return hs[1:], hs[T], cs[T], cache
 
 
-def lstm_backward(dout, dh_T, dc_T, cache):
-    """dout (T, N, H); dh_T, dc_T (N, H) -> dx (T, N, D), dh0, dc0 (N, H), and
-    (dw_ih, dw_hh, db_ih, db_hh) shaped as the parameters."""
-    x, hs, cs, tanh_cs, a, w_ih, w_hh = cache
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    cell_backward = _cell("lstm", x.dtype)[1]
-    da = np.empty_like(a)  # (T, N, 4H)
-    dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
-    dc = np.array(dc_T, x.dtype)
+def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
+    """The time loop of lstm_backward, in place: dout (T, N, H) in; dh, dc (N, H): dh_T, dc_T in,
+    dh0, dc0 out; a, cs, tanh_cs as the forward loop left them; da (T, N, 4H) out."""
+    T, N = dout.shape[:2]
+    cell_backward = _cell("lstm", a.dtype)[1]
     times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
         dh += dout[t]
         cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
         times_w_hh(da[t], dh)  # dh_{t-1}
+
+
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None):
+    """One LSTM layer over a whole sequence.
+
+    x (T, N, D); h0, c0 (N, H); w_ih (4H, D); w_hh (4H, H); b_ih, b_hh (4H,).
+    Returns out (T, N, H), h_T (N, H), c_T (N, H) and the cache. work: None, or a dict kept between
+    calls in which the pre-activations' array is kept for the next call (_scratch); the cache holds
+    it until then.
+    """
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    a = input_side_forward(x, w_ih, b_ih + b_hh, _scratch(work, "a", (T, N, 4 * H), x.dtype))  # every step at once
+    hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
+    cs = np.empty((T + 1, N, H), x.dtype)
+    tanh_cs = np.empty((T, N, H), x.dtype)
+    hs[0], cs[0] = h0, c0
+    _loop("lstm", x.dtype)[0](a, hs, cs, tanh_cs, w_hh)
+    cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
+    return hs[1:], hs[T], cs[T], cache
+
+
+def lstm_backward(dout, dh_T, dc_T, cache, work=None):
+    """dout (T, N, H); dh_T, dc_T (N, H) -> dx (T, N, D), dh0, dc0 (N, H), and
+    (dw_ih, dw_hh, db_ih, db_hh) shaped as the parameters. work: as lstm_forward's, for the
+    gradient of the pre-activations; it may be one dict for all layers."""
+    x, hs, cs, tanh_cs, a, w_ih, w_hh = cache
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    da = _scratch(work, "da", a.shape, a.dtype)  # (T, N, 4H)
+    dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
+    dc = np.array(dc_T, x.dtype)
+    _loop("lstm", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, w_hh)
     da2 = da.reshape(T * N, 4 * H)
     dx, dw_ih = input_side_backward(da, x, w_ih)
     dw_hh = da2.T @ hs[:T].reshape(T * N, H)
@@ -399,45 +437,59 @@ def gru_input_bias(b_ih, b_hh):
     return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh):
-    """One GRU layer over a whole sequence.
-
-    x (T, N, D); h0 (N, H); w_ih (3H, D); w_hh (3H, H); b_ih, b_hh (3H,).
-    Returns out (T, N, H), h_T (N, H) and the cache.
-    """
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    cell_forward = _cell("gru", x.dtype)[0]
-    a = input_side_forward(x, w_ih, gru_input_bias(b_ih, b_hh))  # (T, N, 3H)
-    hs = np.empty((T + 1, N, H), x.dtype)
-    hns = np.empty((T, N, H), x.dtype)
-    hw = np.empty((N, 3 * H), x.dtype)
-    b_hn = b_hh[2 * H :]
+def gru_loop_forward(a, hs, hns, b_hn, w_hh):
+    """The time loop of gru_forward, in place: a (T, N, 3H) in (input side with the biases folded in),
+    activations out; hs (T + 1, N, H) with h0 in row 0, h_t written to row t + 1; hns (T, N, H) out."""
+    T, N = a.shape[:2]
+    cell_forward = _cell("gru", a.dtype)[0]
+    hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
-    hs[0] = h0
     for t in range(T):
         times_w_hh_t(hs[t], hw)
         cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
-    cache = (x, hs, hns, a, w_ih, w_hh)
-    return hs[1:], hs[T], cache
 
 
-def gru_backward(dout, dh_T, cache):
-    """dout (T, N, H); dh_T (N, H) -> dx (T, N, D), dh0 (N, H), (dw_ih, dw_hh, db_ih, db_hh)."""
-    x, hs, hns, a, w_ih, w_hh = cache
-    T, N, D = x.shape
-    H = w_hh.shape[1]
-    cell_backward = _cell("gru", x.dtype)[1]
-    dxa = np.empty_like(a)  # (T, N, 3H)
-    dha = np.empty_like(a)  # (T, N, 3H)
-    dh = np.array(dh_T, x.dtype)
-    dh_hw = np.empty((N, H), x.dtype)
+def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh):
+    """The time loop of gru_backward, in place: dout (T, N, H) in; dh (N, H): dh_T in, dh0 out;
+    a, hns, hs as the forward loop left them; dxa, dha (T, N, 3H) out."""
+    T, N, H = dout.shape
+    cell_backward = _cell("gru", a.dtype)[1]
+    dh_hw = np.empty((N, H), a.dtype)
     times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
         dh += dout[t]
         cell_backward(dh, a[t], hns[t], hs[t], dxa[t], dha[t])
         times_w_hh(dha[t], dh_hw)
         dh += dh_hw  # dh_{t-1}
+
+
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, work=None):
+    """One GRU layer over a whole sequence.
+
+    x (T, N, D); h0 (N, H); w_ih (3H, D); w_hh (3H, H); b_ih, b_hh (3H,).
+    Returns out (T, N, H), h_T (N, H) and the cache. work: as lstm_forward's.
+    """
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    a = input_side_forward(x, w_ih, gru_input_bias(b_ih, b_hh), _scratch(work, "a", (T, N, 3 * H), x.dtype))
+    hs = np.empty((T + 1, N, H), x.dtype)
+    hns = np.empty((T, N, H), x.dtype)
+    hs[0] = h0
+    _loop("gru", x.dtype)[0](a, hs, hns, b_hh[2 * H :], w_hh)
+    cache = (x, hs, hns, a, w_ih, w_hh)
+    return hs[1:], hs[T], cache
+
+
+def gru_backward(dout, dh_T, cache, work=None):
+    """dout (T, N, H); dh_T (N, H) -> dx (T, N, D), dh0 (N, H), (dw_ih, dw_hh, db_ih, db_hh).
+    work: as lstm_backward's."""
+    x, hs, hns, a, w_ih, w_hh = cache
+    T, N, D = x.shape
+    H = w_hh.shape[1]
+    dxa = _scratch(work, "dxa", a.shape, a.dtype)  # (T, N, 3H)
+    dha = _scratch(work, "dha", a.shape, a.dtype)  # (T, N, 3H)
+    dh = np.array(dh_T, x.dtype)
+    _loop("gru", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, a, hns, hs, dxa, dha, w_hh)
     dxa2 = dxa.reshape(T * N, 3 * H)
     dha2 = dha.reshape(T * N, 3 * H)
     dx, dw_ih = input_side_backward(dxa, x, w_ih)
@@ -449,12 +501,12 @@ def gru_backward(dout, dh_T, cache):
 # Plain RNN, one layer:  h_t = tanh(x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)  (or relu).
 
 
-def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", work=None):
     """x (T, N, D); h0 (N, H); w_ih (H, D); w_hh (H, H); b_ih, b_hh (H,).
-    Returns out (T, N, H), h_T (N, H) and the cache."""
+    Returns out (T, N, H), h_T (N, H) and the cache. work: as lstm_forward's."""
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a = input_side_forward(x, w_ih, b_ih + b_hh)  # (T, N, H)
+    a = input_side_forward(x, w_ih, b_ih + b_hh, _scratch(work, "a", (T, N, H), x.dtype))
     hs = np.empty((T + 1, N, H), x.dtype)
     hw = np.empty((N, H), x.dtype)
     times_w_hh_t = loop_product(w_hh, N)
@@ -469,12 +521,13 @@ def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh"):
     return hs[1:], hs[T], (x, hs, w_ih, w_hh, nonlinearity)
 
 
-def rnn_backward(dout, dh_T, cache):
-    """dout (T, N, H); dh_T (N, H) -> dx (T, N, D), dh0 (N, H), (dw_ih, dw_hh, db_ih, db_hh)."""
+def rnn_backward(dout, dh_T, cache, work=None):
+    """dout (T, N, H); dh_T (N, H) -> dx (T, N, D), dh0 (N, H), (dw_ih, dw_hh, db_ih, db_hh).
+    work: as lstm_backward's."""
     x, hs, w_ih, w_hh, nonlinearity = cache
     T, N, D = x.shape
     H = w_hh.shape[1]
-    da = np.empty((T, N, H), x.dtype)
+    da = _scratch(work, "da", (T, N, H), x.dtype)
     dh = np.array(dh_T, x.dtype)
     times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
@@ -530,7 +583,12 @@ _reference_cells = {
     "gru": (gru_cell_forward, gru_cell_backward),
 }
 _cells = dict(_reference_cells)
-_compiled = {}  # other compiled kernels in use: fused.add_rows, fused.pack and fused.matmul_packed
+_reference_loops = {
+    "lstm": (lstm_loop_forward, lstm_loop_backward),
+    "gru": (gru_loop_forward, gru_loop_backward),
+}
+# other compiled kernels in use: fused.add_rows, fused.pack, fused.matmul_packed, fused.loops
+_compiled = {}
 
 
 def _cell(kind, dtype):
@@ -538,6 +596,15 @@ def _cell(kind, dtype):
     if dtype not in (np.float32, np.float64):
         return _reference_cells[kind]
     return _cells[kind]
+
+
+def _loop(kind, dtype):
+    """The (forward, backward) time loops for kind: fused.loops, parallel over the batch's rows on
+    packed weights, where the packed products are in use (float32, loop_product's conditions); else
+    the loops above, step by step."""
+    if dtype == np.float32 and _compiled.get("packed_loops"):
+        return _compiled["loops"][kind]
+    return _reference_loops[kind]
 
 
 def use_numba(enable=True):
@@ -553,7 +620,7 @@ def use_numba(enable=True):
         else:
             _cells.update(fused.cells)
             _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
-                             packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
+                             loops=fused.loops, packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
     if not enable:
         _cells.update(_reference_cells)
         _compiled.clear()

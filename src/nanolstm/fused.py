@@ -43,6 +43,7 @@ process then loads it from there, 0.3 s including the import).
 
 import math
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, prange, types
@@ -298,6 +299,39 @@ def _block_on_stack(typingctx):
     return types.CPointer(types.float32)(), codegen
 
 
+@njit(fastmath=True, error_model="numpy", inline="always")
+def _multiply_block(x, i0, w, acc):
+    """acc (8, 32) = rows i0 to i0 + 7 of x (M, K) times the panel w (K, 32). Past the last row of x
+    the last row is repeated; the caller does not store those sums."""
+    M, K = x.shape
+    r0, r1, r2, r3 = i0, min(i0 + 1, M - 1), min(i0 + 2, M - 1), min(i0 + 3, M - 1)
+    r4, r5, r6, r7 = min(i0 + 4, M - 1), min(i0 + 5, M - 1), min(i0 + 6, M - 1), min(i0 + 7, M - 1)
+    for i in range(_MR):
+        for j in range(_NR):
+            acc[i, j] = 0
+    for k in range(K):
+        x0, x1, x2, x3 = x[r0, k], x[r1, k], x[r2, k], x[r3, k]
+        x4, x5, x6, x7 = x[r4, k], x[r5, k], x[r6, k], x[r7, k]
+        for j in range(_NR):
+            wkj = w[k, j]
+            acc[0, j] += x0 * wkj
+            acc[1, j] += x1 * wkj
+            acc[2, j] += x2 * wkj
+            acc[3, j] += x3 * wkj
+            acc[4, j] += x4 * wkj
+            acc[5, j] += x5 * wkj
+            acc[6, j] += x6 * wkj
+            acc[7, j] += x7 * wkj
+
+
+@njit(fastmath=True, error_model="numpy", inline="always")
+def _store_block(acc, out, i0, j0):
+    """The sums of a block into out at row i0, column j0, as far as out reaches."""
+    for i in range(min(_MR, out.shape[0] - i0)):
+        for j in range(min(_NR, out.shape[1] - j0)):
+            out[i0 + i, j0 + j] = acc[i, j]
+
+
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def matmul_packed(x, panels, out):
     """out (M, N) = x (M, K) @ w^T, w packed by pack(w); all float32 and C-contiguous.
@@ -306,51 +340,138 @@ def matmul_packed(x, panels, out):
     additions is then not NumPy's, and results differ from x @ w.T by rounding only.
     """
     M, K = x.shape
-    N = out.shape[1]
     for p in prange(panels.shape[0]):
         w = panels[p]  # (K, 32)
-        j0 = p * _NR
-        width = min(_NR, N - j0)
         acc = carray(_block_on_stack(), (_MR, _NR))
-        for i0 in range(0, M, _MR):
-            if i0 == M - 1:  # a single row (one stream of generation): k split four ways, so
-                # that four rows of sums, not one, take turns in the multiply-add units
-                for i in range(4):
-                    for j in range(_NR):
-                        acc[i, j] = 0
-                for k in range(0, K - 3, 4):
-                    x0, x1, x2, x3 = x[i0, k], x[i0, k + 1], x[i0, k + 2], x[i0, k + 3]
-                    for j in range(_NR):
-                        acc[0, j] += x0 * w[k, j]
-                        acc[1, j] += x1 * w[k + 1, j]
-                        acc[2, j] += x2 * w[k + 2, j]
-                        acc[3, j] += x3 * w[k + 3, j]
-                for k in range(K - K % 4, K):
-                    x0 = x[i0, k]
-                    for j in range(_NR):
-                        acc[0, j] += x0 * w[k, j]
-                for j in range(width):
-                    out[i0, j0 + j] = (acc[0, j] + acc[1, j]) + (acc[2, j] + acc[3, j])
-                break
-            # a last block of fewer than 8 rows repeats its last row; those sums are not stored
-            r0, r1, r2, r3 = i0, min(i0 + 1, M - 1), min(i0 + 2, M - 1), min(i0 + 3, M - 1)
-            r4, r5, r6, r7 = min(i0 + 4, M - 1), min(i0 + 5, M - 1), min(i0 + 6, M - 1), min(i0 + 7, M - 1)
-            for i in range(_MR):
+        if M == 1:  # a single row (one stream of generation): k split four ways, so that four
+            # rows of sums, not one, take turns in the multiply-add units
+            for i in range(4):
                 for j in range(_NR):
                     acc[i, j] = 0
-            for k in range(K):
-                x0, x1, x2, x3 = x[r0, k], x[r1, k], x[r2, k], x[r3, k]
-                x4, x5, x6, x7 = x[r4, k], x[r5, k], x[r6, k], x[r7, k]
+            for k in range(0, K - 3, 4):
+                x0, x1, x2, x3 = x[0, k], x[0, k + 1], x[0, k + 2], x[0, k + 3]
                 for j in range(_NR):
-                    wkj = w[k, j]
-                    acc[0, j] += x0 * wkj
-                    acc[1, j] += x1 * wkj
-                    acc[2, j] += x2 * wkj
-                    acc[3, j] += x3 * wkj
-                    acc[4, j] += x4 * wkj
-                    acc[5, j] += x5 * wkj
-                    acc[6, j] += x6 * wkj
-                    acc[7, j] += x7 * wkj
-            for i in range(min(_MR, M - i0)):
-                for j in range(width):
-                    out[i0 + i, j0 + j] = acc[i, j]
+                    acc[0, j] += x0 * w[k, j]
+                    acc[1, j] += x1 * w[k + 1, j]
+                    acc[2, j] += x2 * w[k + 2, j]
+                    acc[3, j] += x3 * w[k + 3, j]
+            for k in range(K - K % 4, K):
+                x0 = x[0, k]
+                for j in range(_NR):
+                    acc[0, j] += x0 * w[k, j]
+            for j in range(_NR):
+                acc[0, j] = (acc[0, j] + acc[1, j]) + (acc[2, j] + acc[3, j])
+            _store_block(acc, out, 0, p * _NR)
+            continue
+        for i0 in range(0, M, _MR):
+            _multiply_block(x, i0, w, acc)
+            _store_block(acc, out, i0, p * _NR)
+
+
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _matmul_rows(x, panels, out):
+    """As matmul_packed, on the calling thread alone: the product of one thread's rows in a time loop."""
+    acc = carray(_block_on_stack(), (_MR, _NR))
+    for p in range(panels.shape[0]):
+        for i0 in range(0, x.shape[0], _MR):
+            _multiply_block(x, i0, panels[p], acc)
+            _store_block(acc, out, i0, p * _NR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole time loops, on packed weights. The rows of a batch are independent sequences: row n of h_t
+# depends on row n of h_{t-1} and on nothing else. So the loop is not parallel step by step, with the
+# threads meeting after each step's product, but row by row: each thread takes its share of the
+# rows through all T steps, products and cells, and the threads meet once, at the end. Each thread
+# reads all of W_hh at every step (from the shared cache: 4 MB at H=512), where the product shared
+# out panel by panel reads half; in exchange the cells run on both cores, and no step waits for the
+# slower thread or for a thread to wake. At configuration a (H=128, N=32) the forward and backward
+# loops take 3.6 ms instead of 5.6 step by step; at c (H=512, N=64) 133 instead of 148.
+#
+# Same signatures as the reference loops in functional.py, with W_hh packed first.
+
+
+@njit(cache=True, error_model="numpy")
+def _row_share(N, part, parts):
+    """Rows [r0, r1) of the part-th of `parts` nearly equal shares of N rows."""
+    return N * part // parts, N * (part + 1) // parts
+
+
+def _shares(N):
+    """How many threads share N rows: all of numba's, but each with at least one block of 8 rows."""
+    return max(1, min(numba.get_num_threads(), -(-N // _MR)))
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lstm_loop_forward(a, hs, cs, tanh_cs, panels, parts):
+    T, N, G = a.shape
+    for part in prange(parts):
+        r0, r1 = _row_share(N, part, parts)
+        hw = np.empty((r1 - r0, G), a.dtype)
+        for t in range(T):
+            _matmul_rows(hs[t, r0:r1], panels, hw)
+            lstm_cell_forward(a[t, r0:r1], hw, cs[t, r0:r1], cs[t + 1, r0:r1], hs[t + 1, r0:r1],
+                              tanh_cs[t, r0:r1])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts):
+    T, N = dout.shape[:2]
+    for part in prange(parts):
+        r0, r1 = _row_share(N, part, parts)
+        for t in range(T - 1, -1, -1):
+            dh[r0:r1] += dout[t, r0:r1]
+            lstm_cell_backward(dh[r0:r1], dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1],
+                               da[t, r0:r1])
+            _matmul_rows(da[t, r0:r1], panels, dh[r0:r1])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _gru_loop_forward(a, hs, hns, b_hn, panels, parts):
+    T, N, G = a.shape
+    for part in prange(parts):
+        r0, r1 = _row_share(N, part, parts)
+        hw = np.empty((r1 - r0, G), a.dtype)
+        for t in range(T):
+            _matmul_rows(hs[t, r0:r1], panels, hw)
+            gru_cell_forward(a[t, r0:r1], hw, b_hn, hs[t, r0:r1], hs[t + 1, r0:r1], hns[t, r0:r1])
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
+    T, N, H = dout.shape
+    for part in prange(parts):
+        r0, r1 = _row_share(N, part, parts)
+        dh_hw = np.empty((r1 - r0, H), dh.dtype)
+        for t in range(T - 1, -1, -1):
+            dh[r0:r1] += dout[t, r0:r1]
+            gru_cell_backward(dh[r0:r1], a[t, r0:r1], hns[t, r0:r1], hs[t, r0:r1], dxa[t, r0:r1],
+                              dha[t, r0:r1])
+            _matmul_rows(dha[t, r0:r1], panels, dh_hw)
+            dh[r0:r1] += dh_hw
+
+
+def lstm_loop_forward(a, hs, cs, tanh_cs, w_hh):
+    """As functional.lstm_loop_forward: float32, C-contiguous arrays."""
+    _lstm_loop_forward(a, hs, cs, tanh_cs, pack(w_hh), _shares(a.shape[1]))
+
+
+def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
+    """As functional.lstm_loop_backward."""
+    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, pack(w_hh.T), _shares(a.shape[1]))
+
+
+def gru_loop_forward(a, hs, hns, b_hn, w_hh):
+    """As functional.gru_loop_forward."""
+    _gru_loop_forward(a, hs, hns, b_hn, pack(w_hh), _shares(a.shape[1]))
+
+
+def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh):
+    """As functional.gru_loop_backward."""
+    _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, pack(w_hh.T), _shares(a.shape[1]))
+
+
+loops = {
+    "lstm": (lstm_loop_forward, lstm_loop_backward),
+    "gru": (gru_loop_forward, gru_loop_backward),
+}

@@ -103,6 +103,11 @@ class _Recurrent(Module):
         self.rng = rng if rng is not None else np.random.default_rng()
         self.reset_parameters()
         self._cache = None
+        # the large arrays of a pass, kept from one call to the next (functional._scratch): the
+        # pre-activations of each layer, live from forward to backward, and their gradient, which one
+        # layer's backward at a time needs
+        self._work_forward = [{} for _ in range(num_layers)]
+        self._work_backward = {}
 
     def reset_parameters(self):
         """Uniform in +-1/sqrt(H) for every weight and bias, as PyTorch does."""
@@ -160,7 +165,8 @@ class _Recurrent(Module):
             if layer > 0 and self.training and self.dropout > 0:
                 mask = F.dropout_mask(x.shape, self.dropout, self.rng, self.dtype)
                 x = x * mask
-            x, last, cache = self._layer_forward(x, tuple(s[layer] for s in state), layer)
+            x, last, cache = self._layer_forward(x, tuple(s[layer] for s in state), layer,
+                                                 self._work_forward[layer])
             for f, s in zip(finals, last):
                 f[layer] = s
             caches.append(cache)
@@ -184,7 +190,8 @@ class _Recurrent(Module):
         dstate_n = self._state_parts(dstate_n, N, "dstate_n")
         dstate_0 = [np.empty((L, N, H), self.dtype) for _ in dstate_n]
         for layer in reversed(range(L)):
-            dx, d0, dparams = self._layer_backward(dx, tuple(s[layer] for s in dstate_n), caches[layer])
+            dx, d0, dparams = self._layer_backward(dx, tuple(s[layer] for s in dstate_n), caches[layer],
+                                                   self._work_backward)
             for d, s in zip(dstate_0, d0):
                 d[layer] = s
             for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), dparams):
@@ -214,12 +221,12 @@ class LSTM(_Recurrent):
     def _state_out(self, parts):
         return parts
 
-    def _layer_forward(self, x, state, layer):
-        out, h, c, cache = F.lstm_forward(x, *state, *self.layer_params(layer))
+    def _layer_forward(self, x, state, layer, work):
+        out, h, c, cache = F.lstm_forward(x, *state, *self.layer_params(layer), work=work)
         return out, (h, c), cache
 
-    def _layer_backward(self, dout, dstate, cache):
-        dx, dh0, dc0, dparams = F.lstm_backward(dout, *dstate, cache)
+    def _layer_backward(self, dout, dstate, cache, work):
+        dx, dh0, dc0, dparams = F.lstm_backward(dout, *dstate, cache, work=work)
         return dx, (dh0, dc0), dparams
 
 
@@ -228,12 +235,12 @@ class GRU(_Recurrent):
 
     gates = 3
 
-    def _layer_forward(self, x, state, layer):
-        out, h, cache = F.gru_forward(x, state[0], *self.layer_params(layer))
+    def _layer_forward(self, x, state, layer, work):
+        out, h, cache = F.gru_forward(x, state[0], *self.layer_params(layer), work=work)
         return out, (h,), cache
 
-    def _layer_backward(self, dout, dstate, cache):
-        dx, dh0, dparams = F.gru_backward(dout, dstate[0], cache)
+    def _layer_backward(self, dout, dstate, cache, work):
+        dx, dh0, dparams = F.gru_backward(dout, dstate[0], cache, work=work)
         return dx, (dh0,), dparams
 
 
@@ -249,12 +256,12 @@ class RNN(_Recurrent):
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng)
 
-    def _layer_forward(self, x, state, layer):
-        out, h, cache = F.rnn_forward(x, state[0], *self.layer_params(layer), self.nonlinearity)
+    def _layer_forward(self, x, state, layer, work):
+        out, h, cache = F.rnn_forward(x, state[0], *self.layer_params(layer), self.nonlinearity, work=work)
         return out, (h,), cache
 
-    def _layer_backward(self, dout, dstate, cache):
-        dx, dh0, dparams = F.rnn_backward(dout, dstate[0], cache)
+    def _layer_backward(self, dout, dstate, cache, work):
+        dx, dh0, dparams = F.rnn_backward(dout, dstate[0], cache, work=work)
         return dx, (dh0,), dparams
 
     def extra_repr(self):
