@@ -21,11 +21,13 @@ SHAPES = [(1, 1), (1, 5), (4, 1), (3, 7), (16, 33)]  # (N, H)
 
 @pytest.fixture
 def restore_cells():
-    """Put back whichever cells the sequence functions used before the test."""
-    saved = dict(F._cells)
+    """Put back whichever cells and other kernels the sequence functions used before the test."""
+    saved, saved_compiled = dict(F._cells), dict(F._compiled)
     yield
     F._cells.clear()
     F._cells.update(saved)
+    F._compiled.clear()
+    F._compiled.update(saved_compiled)
 
 
 def extreme_mask(rng, shape, kind):
@@ -211,6 +213,47 @@ def test_add_rows_sums_the_rows_of_each_index(dtype):
     fused.add_rows(idx.reshape(-1), rows.reshape(-1, 96), actual)
     assert rel_error(actual, expected) < TOL[dtype]
     assert not actual[3].any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("V", [1, 3, 4, 9, 84])
+def test_loss_kernels_match_reference(V, dtype):
+    """fused.loss against functional's NumPy kernels: rows of ordinary, huge (+-1e4) and equal
+    logits; a row with NaN stays NaN, as np.max and np.exp leave it."""
+    rng = np.random.default_rng(V)
+    z = (3 * rng.standard_normal((40, V))).astype(dtype)
+    z[5] = 1e4 * rng.choice([-1.0, 1.0], V)
+    z[6] = 7.0
+    z[7, V // 2] = np.nan
+    y = rng.integers(0, V, 40)
+    scale = rng.random(40).astype(dtype)
+    out = {}
+    for name, (lse_fn, grad_fn) in (("ours", fused.loss), ("numpy", F._reference_loss)):
+        lse, grad = np.full(40, -1.0, dtype), np.full((40, V), -1.0, dtype)
+        with np.errstate(invalid="ignore"):
+            lse_fn(z, lse)
+            grad_fn(z, lse, y, scale, grad)
+        out[name] = (lse, grad)
+    for a, b in zip(out["ours"], out["numpy"]):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+        assert np.isnan(a[7]).all()
+        keep = ~np.isnan(b)
+        assert rel_error(a[keep], b[keep]) < TOL[dtype]
+
+
+def test_cross_entropy_takes_the_compiled_kernels(restore_cells):
+    logits = np.random.default_rng(0).standard_normal((6, 5)).astype(np.float32)
+    targets = np.arange(6) % 5
+    results = []
+    for enable in (True, False):
+        nl.use_numba(enable)
+        assert (F._loss_kernels(np.float32) == fused.loss) == enable
+        loss, cache = F.cross_entropy_forward(logits, targets, ignore_index=3)
+        results.append((loss, F.cross_entropy_backward(cache, 2.0)))
+    assert rel_error(results[0][0], results[1][0]) < 1e-6
+    assert rel_error(results[0][1], results[1][1]) < 1e-6
+    assert not results[0][1][3].any()  # the ignored position
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,37 @@ def test_optimizer_matches_torch(name, torch_cls, kwargs):
         assert rel_error(params[k], tparams[k].detach().numpy()) < 1e-12, k
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name,kwargs", [("adam", {}), ("adam", dict(weight_decay=0.1)),
+                                         ("adamw", dict(weight_decay=0.1))])
+def test_compiled_adam_is_the_numpy_adam_bit_for_bit(name, kwargs, dtype, monkeypatch):
+    """fused.adam_update does NumPy's operations in NumPy's order and dtype: the same bits, over
+    steps whose bias corrections change."""
+    pytest.importorskip("numba")
+    from nanolstm import functional as F
+    from nanolstm import fused
+
+    rng = np.random.default_rng(1)
+    start = {"w": rng.standard_normal((40, 7)).astype(dtype), "b": rng.standard_normal(7).astype(dtype)}
+    gradients = [{k: rng.standard_normal(v.shape).astype(dtype) for k, v in start.items()} for _ in range(4)]
+    results = []
+    for kernel in (fused.adam_update, None):
+        monkeypatch.setitem(F._compiled, "adam", kernel)
+        params = {k: v.copy() for k, v in start.items()}
+        grads = {k: np.zeros_like(v) for k, v in start.items()}
+        opt = optim.OPTIMIZERS[name](params, grads, lr=2e-3, **kwargs)
+        assert (optim._compiled_adam(params["w"], grads["w"], params["w"], params["w"]) is None) == (kernel is None)
+        for step in gradients:
+            for k in params:
+                grads[k][...] = step[k]
+            opt.step()
+        results.append(params)
+    for k in start:
+        assert results[0][k].dtype == dtype
+        np.testing.assert_array_equal(results[0][k], results[1][k])
+        assert not np.array_equal(results[0][k], start[k])
+
+
 def test_adam_uses_the_squared_gradient():
     """With gradients of opposite signs the second moment must stay positive: one step moves by lr."""
     p = {"w": np.array([0.0, 0.0])}

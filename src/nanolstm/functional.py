@@ -193,32 +193,51 @@ def dropout_mask(shape, p, rng, dtype):
 # Cross-entropy of logits against integer targets, averaged over the positions not ignored.
 
 
+def log_sum_exp(z, out):
+    """out (M,) = log sum_v exp(z[m, v]) for each row of z (M, V), the row's max taken out first so
+    that exp never overflows."""
+    top = z.max(axis=1)
+    np.log(np.exp(z - top[:, None]).sum(axis=1), out=out)
+    out += top
+
+
+def softmax_minus_onehot(z, lse, y, scale, out):
+    """out (M, V) = (softmax(z) - onehot(y)) * scale[:, None], with lse = log_sum_exp(z): the
+    gradient of the cross-entropy of each row, scaled."""
+    np.exp(z - lse[:, None], out=out)
+    out[np.arange(y.size), y] -= 1
+    out *= scale[:, None]
+
+
 def cross_entropy_forward(logits, targets, ignore_index=None):
-    """logits (..., V); targets (...) integers. Returns the mean loss (a 0-d array) and the cache.
+    """logits (..., V); targets (...) integers. Returns the mean loss (a 0-d array) and the cache,
+    which holds the logits themselves: leave them unchanged until backward.
 
     Positions whose target equals ignore_index count for nothing. With no position left the mean is
-    NaN, as in PyTorch.
+    NaN, as in PyTorch. -log softmax(z)[y] is log_sum_exp(z) - z[y]: one pass over the logits,
+    never the whole (M, V) table of log-probabilities.
     """
     V = logits.shape[-1]
     z = logits.reshape(-1, V)  # (M, V)
     y = targets.reshape(-1)  # (M,)
     keep = np.ones(y.shape, bool) if ignore_index is None else y != ignore_index
     count = int(keep.sum())
-    logp = log_softmax(z)  # (M, V)
-    picked = logp[np.arange(y.size), np.where(keep, y, 0)]  # (M,)
+    y = np.where(keep, y, 0)  # an ignored position's target may be anything: read column 0 instead
+    lse = np.empty(y.size, logits.dtype)
+    _loss_kernels(logits.dtype)[0](z, lse)
+    picked = z[np.arange(y.size), y] - lse  # (M,): log softmax at the targets
     total = -picked[keep].sum(dtype=logits.dtype)
     loss = total / logits.dtype.type(count) if count else np.array(np.nan, logits.dtype)
-    return np.asarray(loss, logits.dtype), (logp, y, keep, count, logits.shape)
+    return np.asarray(loss, logits.dtype), (z, lse, y, keep, count, logits.shape)
 
 
 def cross_entropy_backward(cache, dloss=1.0):
     """dlogits (..., V) = (softmax - onehot(target)) / count at kept positions, 0 elsewhere."""
-    logp, y, keep, count, shape = cache
+    z, lse, y, keep, count, shape = cache
     if count == 0:
-        return np.zeros(shape, logp.dtype)
-    dz = np.exp(logp)  # softmax, (M, V)
-    dz[np.arange(y.size), np.where(keep, y, 0)] -= 1
-    dz *= (keep * (dloss / count)).astype(logp.dtype)[:, None]
+        return np.zeros(shape, z.dtype)
+    dz = np.empty_like(z)
+    _loss_kernels(z.dtype)[1](z, lse, y, (keep * (dloss / count)).astype(z.dtype), dz)
     return dz.reshape(shape)
 
 
@@ -587,8 +606,17 @@ _reference_loops = {
     "lstm": (lstm_loop_forward, lstm_loop_backward),
     "gru": (gru_loop_forward, gru_loop_backward),
 }
-# other compiled kernels in use: fused.add_rows, fused.pack, fused.matmul_packed, fused.loops
+# other compiled kernels in use: fused.add_rows, .loss, .adam_update, .pack, .matmul_packed, .loops
 _compiled = {}
+
+
+_reference_loss = (log_sum_exp, softmax_minus_onehot)
+
+
+def _loss_kernels(dtype):
+    """The cross-entropy's two row kernels: fused.loss, compiled, for float32 and float64 when numba
+    is in use; else the NumPy ones above."""
+    return _compiled.get("loss", _reference_loss) if dtype in (np.float32, np.float64) else _reference_loss
 
 
 def _cell(kind, dtype):
@@ -620,7 +648,7 @@ def use_numba(enable=True):
         else:
             _cells.update(fused.cells)
             _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
-                             loops=fused.loops, packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
+                             loops=fused.loops, loss=fused.loss, adam=fused.adam_update, packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
     if not enable:
         _cells.update(_reference_cells)
         _compiled.clear()

@@ -228,6 +228,63 @@ def add_rows(idx, rows, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# Cross-entropy: the log-sum-exp of each row of logits, and the gradient (softmax - onehot) * scale.
+# NumPy makes five passes over the (M, V) logits forward and three backward, each with a temporary;
+# these make one. At configuration a (M = 2048, V = 84) forward and backward took 0.64 ms of a 8.5 ms
+# step.
+
+
+@_jit
+def log_sum_exp(z, out):
+    """As functional.log_sum_exp: z (M, V), out (M,)."""
+    M, V = z.shape
+    e = np.empty(V, z.dtype)
+    for m in range(M):
+        row = z[m]
+        top = row[0]  # the max, but a NaN may be passed over: it makes the sum below NaN all the same
+        for v in range(1, V):
+            if row[v] > top:
+                top = row[v]
+        for v in range(V):
+            e[v] = _exp(row[v] - top)
+        s0 = s1 = s2 = s3 = z.dtype.type(0)  # four sums, which do not wait on each other
+        for v in range(0, V - 3, 4):
+            s0, s1, s2, s3 = s0 + e[v], s1 + e[v + 1], s2 + e[v + 2], s3 + e[v + 3]
+        for v in range(V - V % 4, V):
+            s0 += e[v]
+        out[m] = top + np.log((s0 + s1) + (s2 + s3))
+
+
+@_jit
+def softmax_minus_onehot(z, lse, y, scale, out):
+    """As functional.softmax_minus_onehot: z (M, V), lse (M,), y (M,) ints, scale (M,), out (M, V)."""
+    M, V = z.shape
+    for m in range(M):
+        row, o, top, s = z[m], out[m], lse[m], scale[m]
+        for v in range(V):
+            o[v] = _exp(row[v] - top) * s
+        o[y[m]] -= s
+
+
+loss = (log_sum_exp, softmax_minus_onehot)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam's update of one parameter, as optim.Adam.update writes it in NumPy, operation for operation.
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, correction2, eps):
+    """p, g, m, v flat, of one dtype, in place; the scalars in that dtype."""
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = m[i] * beta1 + one_minus_beta1 * gi
+        vi = v[i] * beta2 + one_minus_beta2 * (gi * gi)
+        m[i], v[i] = mi, vi
+        p[i] -= step_size * (mi / (np.sqrt(vi) / correction2 + eps))
+
+
+# ---------------------------------------------------------------------------------------------
 # The products of a time loop, x (M, K) @ w^T with w (N, K) the same in every step and M (the batch,
 # or the streams of generation) small.
 #

@@ -124,15 +124,38 @@ class Adam(Optimizer):
         else:
             g = self.decayed(p, g)
         m, v = self.slot("exp_avg", name), self.slot("exp_avg_sq", name)
+        # the same arrangement of the bias corrections as PyTorch, so the two agree to rounding
+        step_size = self.lr / (1 - self.beta1**self.steps)
+        correction2 = math.sqrt(1 - self.beta2**self.steps)
+        compiled = _compiled_adam(p, g, m, v)
+        if compiled is not None:  # the lines below in one pass, in the same order and dtype
+            t = p.dtype.type
+            compiled(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), t(self.beta1),
+                     t(1 - self.beta1), t(self.beta2), t(1 - self.beta2), t(step_size), t(correction2),
+                     t(self.eps))
+            return
         m *= self.beta1
         m += (1 - self.beta1) * g
         v *= self.beta2
         v += (1 - self.beta2) * (g * g)
-        # the same arrangement of the bias corrections as PyTorch, so the two agree to rounding
-        step_size = self.lr / (1 - self.beta1**self.steps)
-        denom = np.sqrt(v) / math.sqrt(1 - self.beta2**self.steps)
+        denom = np.sqrt(v) / correction2
         denom += self.eps
         p -= step_size * (m / denom)
+
+
+def _compiled_adam(p, g, m, v):
+    """fused.adam_update where numba is in use and the four arrays are C-contiguous float32 or
+    float64 of one dtype (views of them flat); else None. One pass instead of nine with temporaries:
+    at configuration c (3.3 million parameters) 9.8 ms of a step."""
+    from nanolstm import functional
+
+    kernel = functional._compiled.get("adam")
+    arrays = (p, g, m, v)
+    if kernel is None or p.dtype not in (np.float32, np.float64):
+        return None
+    if any(a.dtype != p.dtype or not a.flags.c_contiguous for a in arrays):
+        return None
+    return kernel
 
 
 class AdamW(Adam):
