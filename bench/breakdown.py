@@ -76,14 +76,15 @@ def main(argv=None):
     big = 2 * T * N * D * G * H
     part("forward: input products x W_ih^T, one call", lambda: x.reshape(T * N, D) @ w_ih.T, big)
     a_in = a.copy()
-    part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
+    if args.model == "gru":  # the LSTM adds its biases in the time loop, step by step
+        part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
     loop_forward, loop_backward = F._loop(args.model, np.float32)
     dc = f32(N, H)
     if args.model == "lstm":
         cs, tanh_cs = f32(T + 1, N, H), np.empty((T, N, H), np.float32)
 
         def forward_loop():
-            loop_forward(a, hs, cs, tanh_cs, w_hh)
+            loop_forward(a, b_ih + b_hh, hs, cs, tanh_cs, w_hh)
 
         def backward_loop():
             dh[...], dc[...] = 0.1, 0.1  # the state of a real pass, not what earlier runs left
@@ -105,7 +106,8 @@ def main(argv=None):
     part("backward: dx = da W_ih, one call", lambda: da2 @ w_ih, big)
     part("backward: dW_ih = da^T x, one call", lambda: da2.T @ x2, big)
     part("backward: dW_hh = da^T h, one call", lambda: da2.T @ h2, 2 * T * N * H * G * H)
-    part("backward: bias gradient", lambda: da2.sum(axis=0))
+    if args.model == "gru":  # the LSTM's backward loop sums it as it goes
+        part("backward: bias gradient", lambda: da2.sum(axis=0))
 
     layer = {"lstm": (F.lstm_forward, F.lstm_backward), "gru": (F.gru_forward, F.gru_backward)}
     forward, backward = layer[args.model]
@@ -198,12 +200,12 @@ def input_side(args, f32, w_ih, bias, da, repeats):
 
     def looked_up():  # as the Embedding layer and the recurrent layer do it without the fold
         x = F.embedding_forward(ids, embedding)[0]
-        F.input_side_forward(x, w_ih, bias)
+        F.input_side_forward(x, w_ih, bias if args.model == "gru" else None)
         dx, _ = F.input_side_backward(da, x, w_ih)
         F.embedding_backward(dx, (ids, embedding.shape))
 
     def folded():
-        F.input_side_forward(lookup, w_ih, bias)
+        F.input_side_forward(lookup, w_ih, bias if args.model == "gru" else None)
         F.input_side_backward(da, lookup, w_ih)
 
     print(f"\ninput side of a first layer from an embedding of {V} x {args.input}, forward and backward:")

@@ -101,18 +101,20 @@ def fold_lookup(vocab_size, tokens):
 
 
 def input_side_forward(x, w_ih, bias, out=None):
-    """x (T, N, D) or a Lookup; w_ih (G*H, D); bias (G*H,) -> a (T, N, G*H), written into out when
-    given (a C-contiguous array of that shape and x's dtype), else a new array."""
+    """x (T, N, D) or a Lookup; w_ih (G*H, D); bias (G*H,) or None -> a (T, N, G*H), written into
+    out when given (a C-contiguous array of that shape and x's dtype), else a new array."""
     T, N = x.shape[:2]
     if out is None:
         out = np.empty((T, N, w_ih.shape[0]), x.dtype)
     if isinstance(x, Lookup):
         present, local = _rows_used(x)
         table = x.weight[present] @ w_ih.T  # (P, G*H): the rows the batch uses, P <= V
-        table += bias
+        if bias is not None:
+            table += bias
         return np.take(table, local, axis=0, out=out, mode="clip")  # "clip": unbuffered; local is in range
     np.matmul(x.reshape(T * N, -1), w_ih.T, out=out.reshape(T * N, -1))
-    out += bias
+    if bias is not None:
+        out += bias
     return out
 
 
@@ -338,22 +340,25 @@ def lstm_cell_backward(dh, dc, a, c_prev, tanh_c, da):
     dc *= f
 
 
-def lstm_loop_forward(a, hs, cs, tanh_cs, w_hh):
-    """The time loop of lstm_forward, in place: a (T, N, 4H) the input side of the pre-activations
-    in, the activations out; hs, cs (T + 1, N, H) with h0, c0 in row 0, h_t and c_t written to row
-    t + 1; tanh_cs (T, N, H) out."""
+def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh):
+    """The time loop of lstm_forward, in place: a (T, N, 4H) the input side of the pre-activations,
+    x W_ih^T, in, the activations out; bias (4H,) = b_ih + b_hh, added at each step (where the
+    step's numbers are in cache, not in a pass of its own over all of a); hs, cs (T + 1, N, H) with
+    h0, c0 in row 0, h_t and c_t written to row t + 1; tanh_cs (T, N, H) out."""
     T, N = a.shape[:2]
     cell_forward = _cell("lstm", a.dtype)[0]
     hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
     for t in range(T):
         times_w_hh_t(hs[t], hw)
+        hw += bias
         cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
 
 
 def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
     """The time loop of lstm_backward, in place: dout (T, N, H) in; dh, dc (N, H): dh_T, dc_T in,
-    dh0, dc0 out; a, cs, tanh_cs as the forward loop left them; da (T, N, 4H) out."""
+    dh0, dc0 out; a, cs, tanh_cs as the forward loop left them; da (T, N, 4H) out. Returns the bias
+    gradient, the sum of da over all steps and rows (4H,)."""
     T, N = dout.shape[:2]
     cell_backward = _cell("lstm", a.dtype)[1]
     times_w_hh = loop_product(w_hh.T, N)
@@ -361,6 +366,7 @@ def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
         dh += dout[t]
         cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
         times_w_hh(da[t], dh)  # dh_{t-1}
+    return da.reshape(T * N, -1).sum(axis=0)
 
 
 def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None):
@@ -373,12 +379,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a = input_side_forward(x, w_ih, b_ih + b_hh, _scratch(work, "a", (T, N, 4 * H), x.dtype))  # every step at once
+    a = input_side_forward(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))  # every step at once
     hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
     hs[0], cs[0] = h0, c0
-    _loop("lstm", x.dtype)[0](a, hs, cs, tanh_cs, w_hh)
+    _loop("lstm", x.dtype)[0](a, b_ih + b_hh, hs, cs, tanh_cs, w_hh)
     cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
     return hs[1:], hs[T], cs[T], cache
 
@@ -393,11 +399,9 @@ def lstm_backward(dout, dh_T, dc_T, cache, work=None):
     da = _scratch(work, "da", a.shape, a.dtype)  # (T, N, 4H)
     dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
     dc = np.array(dc_T, x.dtype)
-    _loop("lstm", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, w_hh)
-    da2 = da.reshape(T * N, 4 * H)
+    db = _loop("lstm", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, w_hh)
     dx, dw_ih = input_side_backward(da, x, w_ih)
-    dw_hh = da2.T @ hs[:T].reshape(T * N, H)
-    db = da2.sum(axis=0)
+    dw_hh = da.reshape(T * N, 4 * H).T @ hs[:T].reshape(T * N, H)
     return dx, dh, dc, (dw_ih, dw_hh, db, db.copy())
 
 

@@ -460,26 +460,33 @@ def _shares(N):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_forward(a, hs, cs, tanh_cs, panels, parts):
+def _lstm_loop_forward(a, bias, hs, cs, tanh_cs, panels, parts):
     T, N, G = a.shape
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
             _matmul_rows(hs[t, r0:r1], panels, hw)
+            for i in range(r1 - r0):
+                for j in range(G):
+                    hw[i, j] += bias[j]
             lstm_cell_forward(a[t, r0:r1], hw, cs[t, r0:r1], cs[t + 1, r0:r1], hs[t + 1, r0:r1],
                               tanh_cs[t, r0:r1])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts):
-    T, N = dout.shape[:2]
+def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_parts):
+    T, N, G = a.shape
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
+        db = db_parts[part]  # this thread's rows' sum of da, in float64
         for t in range(T - 1, -1, -1):
             dh[r0:r1] += dout[t, r0:r1]
             lstm_cell_backward(dh[r0:r1], dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1],
                                da[t, r0:r1])
+            for i in range(r0, r1):
+                for j in range(G):
+                    db[j] += da[t, i, j]
             _matmul_rows(da[t, r0:r1], panels, dh[r0:r1])
 
 
@@ -508,14 +515,17 @@ def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
             dh[r0:r1] += dh_hw
 
 
-def lstm_loop_forward(a, hs, cs, tanh_cs, w_hh):
+def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh):
     """As functional.lstm_loop_forward: float32, C-contiguous arrays."""
-    _lstm_loop_forward(a, hs, cs, tanh_cs, pack(w_hh), _shares(a.shape[1]))
+    _lstm_loop_forward(a, bias, hs, cs, tanh_cs, pack(w_hh), _shares(a.shape[1]))
 
 
 def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
-    """As functional.lstm_loop_backward."""
-    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, pack(w_hh.T), _shares(a.shape[1]))
+    """As functional.lstm_loop_backward: returns the bias gradient, summed in float64."""
+    parts = _shares(a.shape[1])
+    db_parts = np.zeros((parts, a.shape[2]))
+    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, pack(w_hh.T), parts, db_parts)
+    return db_parts.sum(axis=0).astype(a.dtype)
 
 
 def gru_loop_forward(a, hs, hns, b_hn, w_hh):
