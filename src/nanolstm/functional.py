@@ -7,10 +7,10 @@ Shapes: T time steps, N batch, D input features, H hidden units, V vocabulary, G
 (4 for the LSTM in the order i, f, g, o; 3 for the GRU in the order r, z, n; 1 for the plain RNN).
 
 The recurrent layers split each time step in two: one matrix product `h @ W_hh.T` and the gate
-arithmetic around it, the "cell". The cells below are the readable NumPy reference; `nanolstm.fused`
-replaces them by compiled kernels of the same signature whenever numba is installed (`use_numba`).
-Everything that does not depend on the previous step (the input products of all T steps, the weight
-gradients of all T steps) is one large matrix product outside the time loop.
+arithmetic around it, the "cell". The cells and time loops below are the readable NumPy reference;
+`nanolstm.fused` replaces them by compiled kernels of the same signature whenever numba is installed
+(`use_numba`). Everything that does not depend on the previous step (the input products of all T
+steps, the weight gradients of all T steps) is one large matrix product outside the time loop.
 """
 
 import os
@@ -251,7 +251,9 @@ def cross_entropy_backward(cache, dloss=1.0):
 # fused.py says how). That kernel runs on numba's threads, so it is used only where NumPy's BLAS
 # threads are known to go to sleep as soon as a product ends (blas_threads_sleep: OpenBLAS's
 # otherwise spin for ~0.1 s after each product, on the cores the kernel needs), and where numba's
-# threads are OpenMP's, which stay awake between two steps (fused.threads_on_openmp).
+# threads are OpenMP's, which stay awake between two steps (fused.threads_on_openmp). Under the same
+# conditions the LSTM's and GRU's whole time loops are compiled (fused.loops, chosen by _loop): each
+# thread takes its share of the batch's rows through all the steps, products and cells.
 #
 # Without it, the BLAS takes the product with the weight transposed and copied row by row, which
 # OpenBLAS multiplies faster than the transposed view (1.15x for a forward pass at H=128, N=32); with

@@ -1,10 +1,15 @@
-"""The four recurrent cells of `nanolstm.functional`, compiled by numba: the same signatures and the
-same in-place semantics, with all the gates of a unit computed in one pass and no temporaries. And,
-at the end, the product of a time loop's steps by weights packed once (matmul_packed).
+"""The kernels of `nanolstm.functional`, compiled by numba, each with the signature and the in-place
+semantics of the NumPy function it replaces:
 
-The NumPy cells in functional.py are the reference: tests/test_fused.py checks these against them,
-every output and every array overwritten in place, and whole layers with `use_numba` on and off.
-`nanolstm.use_numba(True)` swaps them in.
+- the four recurrent cells, all the gates of a unit in one pass and no temporaries;
+- the embedding gradient's row sums (add_rows), the cross-entropy's two row kernels (loss) and
+  Adam's update (adam_update);
+- the product of a time loop's steps by weights packed once (matmul_packed), and the LSTM's and
+  GRU's whole time loops on it, the batch's rows shared between the threads (loops).
+
+The NumPy functions in functional.py and optim.py are the reference: tests/test_fused.py checks
+these against them, every output and every array overwritten in place, and whole layers with
+`use_numba` on and off. `nanolstm.use_numba(True)` swaps them in.
 
 What it buys, measured by `python bench/breakdown.py` (float32, D=H=512, T=100, N=64, two OpenBLAS
 threads, idle 2-core AMD EPYC), NumPy cells (--no-numba) -> these:
@@ -32,9 +37,8 @@ two threads took a draft of the bare H=512 cell from 84 to 67 us forward and 29 
 but each of the 2T calls must wake the other thread, and under load, or with OpenBLAS's threads
 spinning, that wait is the scheduler's: numba's OpenMP layer took the lstm pass above from 0.5 s to 2.4 s (~8 ms
 a call), and its workqueue layer, with one BLAS thread, was no faster than serial (964 ms, 946).
-matmul_packed does run on numba's threads: its calls are longer (0.6 ms at H=512, N=64), it replaces
-the BLAS inside the loop, and it is only used where OpenBLAS's threads sleep after a product
-(functional.loop_product).
+The cells run on both cores all the same, inside the compiled time loops at the end of this file:
+there each thread calls them on its own rows, and the threads meet once per loop, not once per step.
 
 Compiled once per machine and dtype (`cache=True`): numba keeps the machine code in __pycache__ next
 to this file or, when site-packages is read-only, in the user's cache directory (checked: a second
@@ -297,10 +301,12 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 #
 # A block of 8 rows of x times one panel is 8 x 32 sums, kept in 16 vector registers (the stack
 # array below, which LLVM promotes to registers) while k runs over K: each k loads 32 numbers of
-# the panel and 8 of x and does 256 multiply-adds. The panels are shared out between the threads
-# (numba's prange), so each thread reads its half of w once per step. A last block of fewer than 8
-# rows is computed as 8 and stored in part; a single row (one stream of generation) has its sums
-# split four ways over k instead, as one row of sums would wait on the latency of each addition.
+# the panel and 8 of x and does 256 multiply-adds. In matmul_packed the panels are shared out
+# between the threads (numba's prange), so each thread reads its half of w once per step; in the
+# time loops below each thread multiplies its own rows by all the panels (_matmul_rows). A last
+# block of fewer than 8 rows is computed as 8 and stored in part; a single row (one stream of
+# generation) has its sums split four ways over k instead, as one row of sums would wait on the
+# latency of each addition.
 #
 # On the 2-core EPYC of the README (AVX-512), 512 x 2048 weights: 0.62 ms for 64 rows (216 GFLOP/s,
 # OpenBLAS 0.93 ms), 0.31 ms for 32 (OpenBLAS 0.45-0.59), 33 us for one row (OpenBLAS's
