@@ -74,7 +74,8 @@ def main(argv=None):
     hs = f32(T + 1, N, H)
     per_step = 2 * N * H * G * H
     big = 2 * T * N * D * G * H
-    part("forward: input products x W_ih^T, one call", lambda: x.reshape(T * N, D) @ w_ih.T, big)
+    part("forward: input products x W_ih^T, one call",  # into the array the layer keeps, as it does
+         lambda: np.matmul(x.reshape(T * N, D), w_ih.T, out=a.reshape(T * N, G * H)), big)
     a_in = a.copy()
     if args.model == "gru":  # the LSTM adds its biases in the time loop, step by step
         part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
