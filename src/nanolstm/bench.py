@@ -135,7 +135,8 @@ def measure_peak(spec, info):
 
 def _ours_setup(spec):
     """Choose nanolstm's cells: numba's fused ones if asked for and available, else NumPy's; and say
-    whether the time loops' products are numba's on packed weights (functional.loop_product)."""
+    whether the time loops' products are numba's on packed weights (functional.loop_product), and with
+    them the LSTM's and GRU's whole time loops (functional._loop)."""
     from nanolstm import functional
 
     fused = functional.use_numba(spec.get("numba", True))

@@ -28,12 +28,6 @@ def sigmoid(x):
     return np.where(x >= 0, 1, e) / (1 + e)
 
 
-def log_softmax(x):
-    """log softmax over the last axis, through log-sum-exp of the max-shifted logits."""
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def softmax(x):
     """softmax over the last axis; the max is subtracted first so exp never overflows."""
     e = np.exp(x - x.max(axis=-1, keepdims=True))
