@@ -205,13 +205,14 @@ def input_side(args, f32, w_ih, bias, da, repeats):
         dx, _ = F.input_side_backward(da, x, w_ih)
         F.embedding_backward(dx, (ids, embedding.shape))
 
-    def folded():
-        F.input_side_forward(lookup, w_ih, bias if args.model == "gru" else None)
+    def folded():  # as the LSTM and GRU layers do it: their time loops then pick each step's rows
+        F.input_side_table(lookup, w_ih, bias if args.model == "gru" else None)
         F.input_side_backward(da, lookup, w_ih)
 
     print(f"\ninput side of a first layer from an embedding of {V} x {args.input}, forward and backward:")
     print(f"{'looked up, then T*N rows multiplied':<48} {best_ms(looked_up, repeats):8.2f}")
     print(f"{'folded in: V rows multiplied (Lookup)':<48} {best_ms(folded, repeats):8.2f}")
+    print("(folded in, the rows of the batch are picked from the V by the time loop, step by step)")
 
 
 def whole_step(args, steps=40):

@@ -353,6 +353,43 @@ def test_layers_match_with_packed_and_blas_loop_products(kind, seed, N, threads,
             assert rel_error(a, b) < 1e-6, name
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("N,threads", [(11, None), (33, None), (33, 1)])
+def test_layers_given_a_lookup_match_the_looked_up_input(kind, N, threads, packed_loops):
+    """A first layer given its embedding as a Lookup: the LSTM's and GRU's time loops pick each
+    step's rows of the table (`gather`), the compiled loops on each thread's share of the rows and
+    functional.py's loops step by step; the RNN's input side picks them before its loop. Each equal
+    to the layer given the looked-up input itself, forward and backward (the Lookup's gradient is
+    the embedding's: the input's gradient summed by token)."""
+    numba = pytest.importorskip("numba")
+    rng = np.random.default_rng(N)
+    T, V, D, H, L = 5, 13, 6, 37, 2
+    layer = getattr(nl, kind)(D, H, num_layers=L, dtype=np.float32, rng=rng)
+    weight = rng.standard_normal((V, D)).astype(np.float32)
+    ids = rng.integers(2, V, (T, N))  # rows 0 and 1 unused
+    dout = rng.standard_normal((T, N, H)).astype(np.float32)
+    state = None
+    reference = forward_backward(layer, weight[ids], state, dout, state)
+    reference["dx"] = F.embedding_backward(reference["dx"].reshape(T * N, D), (ids.reshape(-1), weight.shape))
+    for packed in (True, False):
+        packed_loops(packed)
+        if kind != "RNN":
+            chosen = fused.loops if packed else F._reference_loops
+            assert F._loop(kind.lower(), np.float32) == chosen[kind.lower()]
+        if threads is not None:
+            saved_threads = numba.get_num_threads()
+            numba.set_num_threads(threads)
+        try:
+            folded = forward_backward(layer, F.Lookup(weight, ids), state, dout, state)
+        finally:
+            if threads is not None:
+                numba.set_num_threads(saved_threads)
+        for name in reference:
+            both = (folded[name], reference[name])
+            for a, b in zip(*both) if isinstance(reference[name], tuple) else [both]:
+                assert rel_error(a, b) < 1e-6, (packed, name)
+
+
 @pytest.mark.parametrize("streams", [1, 10])
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_generation_steps_match_with_packed_and_blas_products(kind, streams, packed_loops):

@@ -68,7 +68,8 @@ def embedding_backward(dout, cache):
 # The input side of a recurrent layer: x W_ih^T + bias for all steps at once. Its input may be an
 # embedding not yet looked up (Lookup): one-hot tokens times the embedding times W_ih^T is a row of
 # (embedding W_ih^T), so the product is taken over the V rows of the table rather than the T*N of
-# the batch, and the batch picks rows of it. Backward sums the gradient rows by token first.
+# the batch, and the batch picks rows of it (the LSTM's and GRU's time loops pick each step's rows
+# as the step begins: loop_input_side). Backward sums the gradient rows by token first.
 
 
 class Lookup(NamedTuple):
@@ -101,15 +102,33 @@ def input_side_forward(x, w_ih, bias, out=None):
     if out is None:
         out = np.empty((T, N, w_ih.shape[0]), x.dtype)
     if isinstance(x, Lookup):
-        present, local = _rows_used(x)
-        table = x.weight[present] @ w_ih.T  # (P, G*H): the rows the batch uses, P <= V
-        if bias is not None:
-            table += bias
-        return np.take(table, local, axis=0, out=out, mode="clip")  # "clip": unbuffered; local is in range
+        table, ids = input_side_table(x, w_ih, bias)
+        return np.take(table, ids, axis=0, out=out, mode="clip")  # "clip": unbuffered; ids are in range
     np.matmul(x.reshape(T * N, -1), w_ih.T, out=out.reshape(T * N, -1))
     if bias is not None:
         out += bias
     return out
+
+
+def input_side_table(x, w_ih, bias):
+    """A Lookup's input side before the batch picks its rows: table (P, G*H), the rows of
+    weight W_ih^T + bias that the batch uses (P <= V), and ids (T, N) renumbered into them, so that
+    the input side of step t, row n is table[ids[t, n]]."""
+    present, ids = _rows_used(x)
+    table = x.weight[present] @ w_ih.T
+    if bias is not None:
+        table += bias
+    return table, ids
+
+
+def loop_input_side(x, w_ih, bias, out):
+    """The input side for the LSTM's and GRU's time loops: (out, None) with out written as by
+    input_side_forward, or for a Lookup (out, (table, ids)) as input_side_table gives them, out
+    left for the loop to fill step by step (`gather` of the loops): each step's rows are then
+    picked just before the step's cell reads them, by the thread that runs the cell."""
+    if isinstance(x, Lookup):
+        return out, input_side_table(x, w_ih, bias)
+    return input_side_forward(x, w_ih, bias, out), None
 
 
 def input_side_backward(da, x, w_ih):
@@ -336,16 +355,19 @@ def lstm_cell_backward(dh, dc, a, c_prev, tanh_c, da):
     dc *= f
 
 
-def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh):
+def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None):
     """The time loop of lstm_forward, in place: a (T, N, 4H) the input side of the pre-activations,
     x W_ih^T, in, the activations out; bias (4H,) = b_ih + b_hh, added at each step (where the
     step's numbers are in cache, not in a pass of its own over all of a); hs, cs (T + 1, N, H) with
-    h0, c0 in row 0, h_t and c_t written to row t + 1; tanh_cs (T, N, H) out."""
+    h0, c0 in row 0, h_t and c_t written to row t + 1; tanh_cs (T, N, H) out. gather: None, or
+    (table, ids) from loop_input_side, a's input side then looked up at each step."""
     T, N = a.shape[:2]
     cell_forward = _cell("lstm", a.dtype)[0]
     hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
     for t in range(T):
+        if gather is not None:
+            np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
         times_w_hh_t(hs[t], hw)
         hw += bias
         cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
@@ -375,12 +397,12 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a = input_side_forward(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))  # every step at once
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))  # all steps at once
     hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
     hs[0], cs[0] = h0, c0
-    _loop("lstm", x.dtype)[0](a, b_ih + b_hh, hs, cs, tanh_cs, w_hh)
+    _loop("lstm", x.dtype)[0](a, b_ih + b_hh, hs, cs, tanh_cs, w_hh, gather)
     cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
     return hs[1:], hs[T], cs[T], cache
 
@@ -456,14 +478,17 @@ def gru_input_bias(b_ih, b_hh):
     return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
 
 
-def gru_loop_forward(a, hs, hns, b_hn, w_hh):
+def gru_loop_forward(a, hs, hns, b_hn, w_hh, gather=None):
     """The time loop of gru_forward, in place: a (T, N, 3H) in (input side with the biases folded in),
-    activations out; hs (T + 1, N, H) with h0 in row 0, h_t written to row t + 1; hns (T, N, H) out."""
+    activations out; hs (T + 1, N, H) with h0 in row 0, h_t written to row t + 1; hns (T, N, H) out.
+    gather: as lstm_loop_forward's."""
     T, N = a.shape[:2]
     cell_forward = _cell("gru", a.dtype)[0]
     hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
     for t in range(T):
+        if gather is not None:
+            np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
         times_w_hh_t(hs[t], hw)
         cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
 
@@ -490,11 +515,11 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, work=None):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a = input_side_forward(x, w_ih, gru_input_bias(b_ih, b_hh), _scratch(work, "a", (T, N, 3 * H), x.dtype))
+    a, gather = loop_input_side(x, w_ih, gru_input_bias(b_ih, b_hh), _scratch(work, "a", (T, N, 3 * H), x.dtype))
     hs = np.empty((T + 1, N, H), x.dtype)
     hns = np.empty((T, N, H), x.dtype)
     hs[0] = h0
-    _loop("gru", x.dtype)[0](a, hs, hns, b_hh[2 * H :], w_hh)
+    _loop("gru", x.dtype)[0](a, hs, hns, b_hh[2 * H :], w_hh, gather)
     cache = (x, hs, hns, a, w_ih, w_hh)
     return hs[1:], hs[T], cache
 

@@ -460,18 +460,33 @@ def _row_share(N, part, parts):
     return N * part // parts, N * (part + 1) // parts
 
 
+@njit(cache=True, error_model="numpy")
+def _gather_rows(a_t, table, ids, t, r0, r1):
+    """Rows r0 to r1 of a step's input side looked up, a_t[n] = table[ids[t, n]], when the loop
+    gathers them (ids has T rows; it has none when a was given whole)."""
+    if ids.shape[0]:
+        for n in range(r0, r1):
+            a_t[n] = table[ids[t, n]]
+
+
+def _gather_args(a, gather):
+    """The (table, ids) of a loop's gather argument, or empty ones that _gather_rows skips."""
+    return gather if gather is not None else (np.empty((0, a.shape[2]), a.dtype), np.empty((0, 0), np.intp))
+
+
 def _shares(N):
     """How many threads share N rows: all of numba's, but each with at least one block of 8 rows."""
     return max(1, min(numba.get_num_threads(), -(-N // _MR)))
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_forward(a, bias, hs, cs, tanh_cs, panels, parts):
+def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, parts):
     T, N, G = a.shape
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
+            _gather_rows(a[t], table, ids, t, r0, r1)
             _matmul_rows(hs[t, r0:r1], panels, hw)
             for i in range(r1 - r0):
                 for j in range(G):
@@ -497,12 +512,13 @@ def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_part
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _gru_loop_forward(a, hs, hns, b_hn, panels, parts):
+def _gru_loop_forward(a, table, ids, hs, hns, b_hn, panels, parts):
     T, N, G = a.shape
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
+            _gather_rows(a[t], table, ids, t, r0, r1)
             _matmul_rows(hs[t, r0:r1], panels, hw)
             gru_cell_forward(a[t, r0:r1], hw, b_hn, hs[t, r0:r1], hs[t + 1, r0:r1], hns[t, r0:r1])
 
@@ -521,9 +537,9 @@ def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
             dh[r0:r1] += dh_hw
 
 
-def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh):
+def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None):
     """As functional.lstm_loop_forward: float32, C-contiguous arrays."""
-    _lstm_loop_forward(a, bias, hs, cs, tanh_cs, pack(w_hh), _shares(a.shape[1]))
+    _lstm_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, pack(w_hh), _shares(a.shape[1]))
 
 
 def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
@@ -534,9 +550,9 @@ def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
     return db_parts.sum(axis=0).astype(a.dtype)
 
 
-def gru_loop_forward(a, hs, hns, b_hn, w_hh):
+def gru_loop_forward(a, hs, hns, b_hn, w_hh, gather=None):
     """As functional.gru_loop_forward."""
-    _gru_loop_forward(a, hs, hns, b_hn, pack(w_hh), _shares(a.shape[1]))
+    _gru_loop_forward(a, *_gather_args(a, gather), hs, hns, b_hn, pack(w_hh), _shares(a.shape[1]))
 
 
 def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh):
