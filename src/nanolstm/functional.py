@@ -397,7 +397,7 @@ def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))  # all steps at once
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))
     hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
