@@ -14,7 +14,6 @@ Run it on an idle machine: OpenBLAS's threads spin while they wait, so other wor
 import argparse
 import time
 
-import nanolstm  # noqa: F401  (before NumPy, so that OpenBLAS's threads sleep; see nanolstm/__init__.py)
 import numpy as np
 
 from nanolstm import functional as F

@@ -3,8 +3,9 @@
     python examples/layers.py
 """
 
-import nanolstm as nl  # before NumPy, so that OpenBLAS's threads sleep between products (README)
 import numpy as np
+
+import nanolstm as nl
 
 rng = np.random.default_rng(0)
 T, N, D, H = 5, 3, 4, 6

@@ -408,28 +408,42 @@ def test_generation_steps_match_with_packed_and_blas_products(kind, streams, pac
     assert rel_error(logits[True], logits[False]) < 1e-6
 
 
+_MULTIPLY = "import numpy; numpy.ones((512, 512), numpy.float32) @ numpy.ones((512, 512), numpy.float32)"
+
+
 @pytest.mark.parametrize("preamble,env,expected", [
     ("import nanolstm", {}, ("1", True)),  # nanolstm first: it sets the timeout before NumPy loads
-    ("import numpy, nanolstm", {}, (None, False)),  # NumPy first: too late, the loops keep the BLAS
-    ("import numpy, nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "1"}, ("1", True)),  # the user set it
+    (f"{_MULTIPLY}; import nanolstm", {}, ("1", True)),  # NumPy first: its OpenBLAS reads it again
+    (f"{_MULTIPLY}; import nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "1"}, ("1", True)),  # the user set it
     ("import nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "28"}, ("28", False)),  # the user's own: kept
-    ("import nanolstm", {"NANOLSTM_NUMBA": "0"}, (None, False)),  # no compiled kernels: nothing set
+    (f"{_MULTIPLY}; import nanolstm", {"OPENBLAS_THREAD_TIMEOUT": "28"}, ("28", False)),
+    (f"{_MULTIPLY}; import nanolstm", {"NANOLSTM_NUMBA": "0"}, (None, False)),  # no compiled kernels: nothing set
 ])
 def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, expected):
+    """What the environment says; whether the loops take the packed products; and, after a product
+    on OpenBLAS's threads, whether they sleep: the CPU time the process takes while it sleeps for
+    50 ms (a spinning thread takes all of it). With NumPy loaded first, the threads were already
+    running when nanolstm set the variable."""
     import json
     import os
     import subprocess
     import sys
 
-    code = (f"{preamble}; import os, json; from nanolstm import functional as F; "
-            "print(json.dumps([os.environ.get('OPENBLAS_THREAD_TIMEOUT'), "
-            "bool(F._compiled.get('packed_loops'))]))")
+    code = (f"{preamble}; import os, json, time, numpy as np, threadpoolctl; from nanolstm import functional as F; "
+            "layers = [lib.threading_layer for lib in threadpoolctl.ThreadpoolController().select(internal_api='openblas').lib_controllers]; "
+            "a = np.ones((512, 512), np.float32); right = bool(np.all(a @ a == 512)); "
+            "t = time.process_time(); time.sleep(0.05); busy = time.process_time() - t; "
+            "print(json.dumps([os.environ.get('OPENBLAS_THREAD_TIMEOUT'), bool(F._compiled.get('packed_loops')), "
+            "layers, right, busy]))")
     base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "NANOLSTM_NUMBA")}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          check=True).stdout
-    timeout, sleeps = json.loads(out)
+    timeout, sleeps, layers, product_right, busy = json.loads(out)
     blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
     assert (timeout, sleeps) == (expected[0], expected[1] and "openblas" in blas.lower() and fused.threads_on_openmp())
+    assert product_right
+    if layers == ["pthreads"]:  # NumPy's OpenBLAS, on its own threads
+        assert (busy < 0.025) == (timeout == "1"), busy
 
 
 def test_packed_loop_products_only_on_numba_openmp_threads(monkeypatch):

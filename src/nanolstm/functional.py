@@ -275,7 +275,8 @@ def cross_entropy_backward(cache, dloss=1.0):
 
 def blas_threads_sleep():
     """Whether NumPy's BLAS is OpenBLAS with its threads set to sleep at once after a product
-    (OPENBLAS_THREAD_TIMEOUT, which `import nanolstm` sets when NumPy is not loaded yet)."""
+    (OPENBLAS_THREAD_TIMEOUT, which `import nanolstm` sets, and makes an OpenBLAS loaded before it
+    read again)."""
     import nanolstm
 
     timeout = os.environ.get("OPENBLAS_THREAD_TIMEOUT", "")
