@@ -446,6 +446,29 @@ def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, e
         assert (busy < 0.025) == (timeout == "1"), busy
 
 
+def test_import_beside_a_thread_in_the_blas_leaves_openblas_threads_alone():
+    """With NumPy loaded and another thread multiplying, OpenBLAS's threads are not restarted (that
+    hung both threads): the import returns, the products stay right, the loops keep to the BLAS."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import threading, json, numpy as np; a = np.ones((1024, 1024), np.float32); stop = threading.Event(); "
+            "results = []; "
+            "worker = threading.Thread(target=lambda: [results.append(bool(np.all(a @ a == 1024))) "
+            "for _ in iter(stop.is_set, True)]); worker.start(); "
+            "import time; time.sleep(0.1); import nanolstm; from nanolstm import functional as F; "
+            "stop.set(); worker.join(); "
+            "print(json.dumps([bool(F._compiled.get('packed_loops')), len(results) > 0 and all(results)]))")
+    base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "NANOLSTM_NUMBA")}
+    out = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True, check=True,
+                         timeout=120).stdout
+    packed, products_right = json.loads(out)
+    assert products_right
+    assert not packed
+
+
 def test_packed_loop_products_only_on_numba_openmp_threads(monkeypatch):
     from numba import config
 

@@ -15,8 +15,8 @@ from importlib.util import find_spec
 #
 # numba loads OpenMP later, at its first parallel loop. OpenBLAS reads its variable when NumPy loads
 # it; if NumPy came first, the OpenBLAS it loaded is asked to read it again and to restart its
-# threads (_openblas_timeout_applied). Where that cannot be done, the time loops keep to the BLAS
-# (functional.loop_product): the same results, slower.
+# threads (_openblas_timeout_applied), if no other thread could be using it. Where that cannot be
+# done, the time loops keep to the BLAS (functional.loop_product): the same results, slower.
 
 
 def _openblas_timeout_applied(timeout):
@@ -24,9 +24,13 @@ def _openblas_timeout_applied(timeout):
     cycles (at least 2^4), timeout being OPENBLAS_THREAD_TIMEOUT's value: those that read another
     value when they were loaded read the environment again (openblas_read_env) and stop their
     threads (blas_thread_shutdown_, which OpenBLAS itself calls before a fork) and start them again
-    (blas_thread_init). Linux only (the loaded libraries are read from
-    /proc/self/maps); not while another thread is inside a BLAS call."""
+    (blas_thread_init). Linux only (the loaded libraries are read from /proc/self/maps).
+
+    Only while this is the process's only Python thread: stopping OpenBLAS's threads in the middle of
+    another thread's product hangs both (seen: an import beside a loop of products never returned).
+    With other threads running, the loops keep to the BLAS."""
     import ctypes
+    import threading
 
     try:
         with open("/proc/self/maps") as maps:
@@ -37,11 +41,13 @@ def _openblas_timeout_applied(timeout):
     needed = ("openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdown_", "blas_thread_init")
     if not libs or not all(hasattr(lib, name) for lib in libs for name in needed):
         return False
-    for lib in libs:
-        if lib.openblas_thread_timeout() != timeout:
-            lib.openblas_read_env()
-            lib.blas_thread_shutdown_()
-            lib.blas_thread_init()
+    stale = [lib for lib in libs if lib.openblas_thread_timeout() != timeout]
+    if stale and threading.active_count() > 1:
+        return False
+    for lib in stale:
+        lib.openblas_read_env()
+        lib.blas_thread_shutdown_()
+        lib.blas_thread_init()
     return all(lib.openblas_thread_timeout() == timeout for lib in libs)
 
 
