@@ -261,10 +261,13 @@ def test_cross_entropy_takes_the_compiled_kernels(restore_cells):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (1, 7, 40), (1, 512, 2048), (2, 3, 31), (7, 5, 32), (8, 16, 33),
-                                   (9, 64, 84), (17, 128, 512), (64, 512, 2048)])
+                                   (9, 64, 84), (17, 128, 512), (64, 512, 2048), (127, 16, 40), (128, 9, 33),
+                                   (300, 37, 70), (1030, 512, 96)])
 def test_packed_product_matches_numpy(M, K, N):
     """One row (K split four ways, K = 7 leaving 3), rows not a multiple of 8 and columns not a
-    multiple of 32 included: every entry written, each within float32 rounding of the exact product."""
+    multiple of 32 included; from 128 rows on, the large products' chunks of 64 rows, the last one
+    partial (300 = 4 x 64 + 44): every entry written, each within float32 rounding of the exact
+    product."""
     rng = np.random.default_rng(M + K + N)
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
@@ -315,6 +318,30 @@ def test_loop_product_packs_float32_weights(packed_loops):
     assert "panels" not in F.loop_product(w, 2).__code__.co_freevars
 
 
+def test_products_over_all_steps_packed_where_they_can_be(packed_loops, monkeypatch):
+    """functional.product: fused.matmul_packed for C-contiguous float32 operands while the loops'
+    products are packed; the BLAS for a strided x, for float64, and with packed_loops(False).
+    Every way within rounding of NumPy's product."""
+    calls = []
+    monkeypatch.setitem(F._compiled, "matmul_packed", lambda *args: calls.append(1) or fused.matmul_packed(*args))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 24)).astype(np.float32)
+    w = rng.standard_normal((40, 24)).astype(np.float32)
+    strided = np.asfortranarray(x)
+    for args, packed in [((x, w), True), ((x, np.asfortranarray(w)), True), ((strided, w), False),
+                         ((x.astype(np.float64), w.astype(np.float64)), False)]:
+        del calls[:]
+        out = F.product(*args)
+        assert len(calls) == packed and out.shape == (200, 40) and out.dtype == args[0].dtype
+        assert rel_error(out, args[0] @ args[1].T) < 1e-6
+    given = np.empty((200, 40), np.float32)
+    assert F.product(x, w, given) is given
+    packed_loops(False)
+    del calls[:]
+    F.product(x, w)
+    assert not calls
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("seed,N,threads", [(0, 11, None), (1, 11, None), (2, 1, None), (3, 7, None),
                                             (4, 33, None), (5, 33, 1)])
@@ -323,7 +350,9 @@ def test_layers_match_with_packed_and_blas_loop_products(kind, seed, N, threads,
     (fused.loops, the rows shared between the threads: 11 rows as 5 + 6, 33 as 16 + 17; fewer than
     9 rows, or one thread, on one) against the loops of functional.py with the BLAS's products; the
     RNN's step-by-step packed products. Products of 8-row blocks with a partial last one, and panels
-    with a partial last one."""
+    with a partial last one; the LSTM's bias added in its loops' products; layer 2's input products
+    over all steps (x W_ih^T and da W_ih, functional.product) packed too, in chunks when N = 33
+    (165 rows)."""
     numba = pytest.importorskip("numba")
     if threads is not None:
         saved_threads = numba.get_num_threads()

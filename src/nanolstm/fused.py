@@ -4,8 +4,9 @@ semantics of the NumPy function it replaces:
 - the four recurrent cells, all the gates of a unit in one pass and no temporaries;
 - the embedding gradient's row sums (add_rows), the cross-entropy's two row kernels (loss) and
   Adam's update (adam_update);
-- the product of a time loop's steps by weights packed once (matmul_packed), and the LSTM's and
-  GRU's whole time loops on it, the batch's rows shared between the threads (loops).
+- the product by weights packed once (matmul_packed): of a time loop's steps, and of all steps at
+  once; and the LSTM's and GRU's whole time loops on it, the batch's rows shared between the
+  threads (loops).
 
 The NumPy functions in functional.py and optim.py are the reference: tests/test_fused.py checks
 these against them, every output and every array overwritten in place, and whole layers with
@@ -310,9 +311,16 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 #
 # On the 2-core EPYC of the README (AVX-512), 512 x 2048 weights: 0.62 ms for 64 rows (216 GFLOP/s,
 # OpenBLAS 0.93 ms), 0.31 ms for 32 (OpenBLAS 0.45-0.59), 33 us for one row (OpenBLAS's
-# matrix-vector product 45 us). For products of thousands of rows it has no gain (162 GFLOP/s
-# against OpenBLAS's 192 at 6400 x 512 x 2048: it does not block x for the caches), so the products
-# that cover all steps at once stay with the BLAS.
+# matrix-vector product 45 us).
+#
+# The products over all steps at once (x W_ih^T before a loop, da W_ih after it: thousands of rows)
+# are cut into chunks of 64 rows instead, shared out between the threads, each chunk multiplied by
+# all the panels: its 64 rows stay in the core's cache while the panels stream past (shared out
+# panel by panel over all the rows, x did not stay in cache: 162 GFLOP/s against OpenBLAS's 192 at
+# 6400 x 512 x 2048). In chunks, 207-224 GFLOP/s against OpenBLAS's 189-207 (default kernel) for
+# the products of configurations b to d, 600 x 512 x 2048 included. The weight gradients, da^T x,
+# stay with the BLAS: read as da^T, da's rows are 8 KB apart, and a kernel reading it so ran at
+# 125-150 GFLOP/s.
 
 
 def threads_on_openmp():
@@ -337,6 +345,7 @@ def threads_on_openmp():
 
 _NR = 32  # columns of the output per panel
 _MR = 8  # rows of x per block
+_CHUNK = 64  # rows of x per chunk of a large product
 
 
 def pack(w):
@@ -363,15 +372,17 @@ def _block_on_stack(typingctx):
 
 
 @njit(fastmath=True, error_model="numpy", inline="always")
-def _multiply_block(x, i0, w, acc):
-    """acc (8, 32) = rows i0 to i0 + 7 of x (M, K) times the panel w (K, 32). Past the last row of x
-    the last row is repeated; the caller does not store those sums."""
+def _multiply_block(x, i0, w, acc, bias, j0):
+    """acc (8, 32) = rows i0 to i0 + 7 of x (M, K) times the panel w (K, 32), plus bias[j0:j0 + 32]
+    on every row (0 past its end: an empty bias adds nothing). Past the last row of x the last row
+    is repeated; the caller does not store those sums."""
     M, K = x.shape
     r0, r1, r2, r3 = i0, min(i0 + 1, M - 1), min(i0 + 2, M - 1), min(i0 + 3, M - 1)
     r4, r5, r6, r7 = min(i0 + 4, M - 1), min(i0 + 5, M - 1), min(i0 + 6, M - 1), min(i0 + 7, M - 1)
-    for i in range(_MR):
-        for j in range(_NR):
-            acc[i, j] = 0
+    for j in range(_NR):
+        b = bias[j0 + j] if j0 + j < bias.shape[0] else 0
+        for i in range(_MR):
+            acc[i, j] = b
     for k in range(K):
         x0, x1, x2, x3 = x[r0, k], x[r1, k], x[r2, k], x[r3, k]
         x4, x5, x6, x7 = x[r4, k], x[r5, k], x[r6, k], x[r7, k]
@@ -395,6 +406,17 @@ def _store_block(acc, out, i0, j0):
             out[i0 + i, j0 + j] = acc[i, j]
 
 
+@njit(cache=True, fastmath=True, error_model="numpy")
+def _matmul_rows(x, panels, out, bias):
+    """out = x @ w^T + bias (empty: none), as matmul_packed but on the calling thread alone: the
+    product of one thread's rows in a time loop, or of one chunk of a large product's rows."""
+    acc = carray(_block_on_stack(), (_MR, _NR))
+    for p in range(panels.shape[0]):
+        for i0 in range(0, x.shape[0], _MR):
+            _multiply_block(x, i0, panels[p], acc, bias, p * _NR)
+            _store_block(acc, out, i0, p * _NR)
+
+
 @njit(cache=True, fastmath=True, parallel=True, error_model="numpy")
 def matmul_packed(x, panels, out):
     """out (M, N) = x (M, K) @ w^T, w packed by pack(w); all float32 and C-contiguous.
@@ -403,7 +425,13 @@ def matmul_packed(x, panels, out):
     additions is then not NumPy's, and results differ from x @ w.T by rounding only.
     """
     M, K = x.shape
-    for p in prange(panels.shape[0]):
+    no_bias = np.empty(0, x.dtype)
+    if M >= 2 * _CHUNK:  # a large product: chunks of rows, each by all the panels
+        for c in prange(-(-M // _CHUNK)):
+            lo, hi = c * _CHUNK, min(M, (c + 1) * _CHUNK)
+            _matmul_rows(x[lo:hi], panels, out[lo:hi], no_bias)
+        return
+    for p in prange(panels.shape[0]):  # a step's product: the panels shared out
         w = panels[p]  # (K, 32)
         acc = carray(_block_on_stack(), (_MR, _NR))
         if M == 1:  # a single row (one stream of generation): k split four ways, so that four
@@ -427,17 +455,7 @@ def matmul_packed(x, panels, out):
             _store_block(acc, out, 0, p * _NR)
             continue
         for i0 in range(0, M, _MR):
-            _multiply_block(x, i0, w, acc)
-            _store_block(acc, out, i0, p * _NR)
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")
-def _matmul_rows(x, panels, out):
-    """As matmul_packed, on the calling thread alone: the product of one thread's rows in a time loop."""
-    acc = carray(_block_on_stack(), (_MR, _NR))
-    for p in range(panels.shape[0]):
-        for i0 in range(0, x.shape[0], _MR):
-            _multiply_block(x, i0, panels[p], acc)
+            _multiply_block(x, i0, w, acc, no_bias, 0)
             _store_block(acc, out, i0, p * _NR)
 
 
@@ -451,7 +469,8 @@ def _matmul_rows(x, panels, out):
 # slower thread or for a thread to wake. At configuration a (H=128, N=32) the forward and backward
 # loops take 3.6 ms instead of 5.6 step by step; at c (H=512, N=64) 133 instead of 148.
 #
-# Same signatures as the reference loops in functional.py, with W_hh packed first.
+# Same signatures as the reference loops in functional.py, with W_hh packed first. The LSTM's bias
+# is where each step's sums of h W_hh^T start (_matmul_rows), not a pass of its own over them.
 
 
 @njit(cache=True, error_model="numpy")
@@ -487,10 +506,7 @@ def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, parts):
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
             _gather_rows(a[t], table, ids, t, r0, r1)
-            _matmul_rows(hs[t, r0:r1], panels, hw)
-            for i in range(r1 - r0):
-                for j in range(G):
-                    hw[i, j] += bias[j]
+            _matmul_rows(hs[t, r0:r1], panels, hw, bias)
             lstm_cell_forward(a[t, r0:r1], hw, cs[t, r0:r1], cs[t + 1, r0:r1], hs[t + 1, r0:r1],
                               tanh_cs[t, r0:r1])
 
@@ -498,6 +514,7 @@ def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, parts):
 @njit(cache=True, parallel=True, error_model="numpy")
 def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_parts):
     T, N, G = a.shape
+    no_bias = np.empty(0, a.dtype)
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
         db = db_parts[part]  # this thread's rows' sum of da, in float64
@@ -508,24 +525,26 @@ def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_part
             for i in range(r0, r1):
                 for j in range(G):
                     db[j] += da[t, i, j]
-            _matmul_rows(da[t, r0:r1], panels, dh[r0:r1])
+            _matmul_rows(da[t, r0:r1], panels, dh[r0:r1], no_bias)
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gru_loop_forward(a, table, ids, hs, hns, b_hn, panels, parts):
     T, N, G = a.shape
+    no_bias = np.empty(0, a.dtype)
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
             _gather_rows(a[t], table, ids, t, r0, r1)
-            _matmul_rows(hs[t, r0:r1], panels, hw)
+            _matmul_rows(hs[t, r0:r1], panels, hw, no_bias)
             gru_cell_forward(a[t, r0:r1], hw, b_hn, hs[t, r0:r1], hs[t + 1, r0:r1], hns[t, r0:r1])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
 def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
     T, N, H = dout.shape
+    no_bias = np.empty(0, dh.dtype)
     for part in prange(parts):
         r0, r1 = _row_share(N, part, parts)
         dh_hw = np.empty((r1 - r0, H), dh.dtype)
@@ -533,7 +552,7 @@ def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
             dh[r0:r1] += dout[t, r0:r1]
             gru_cell_backward(dh[r0:r1], a[t, r0:r1], hns[t, r0:r1], hs[t, r0:r1], dxa[t, r0:r1],
                               dha[t, r0:r1])
-            _matmul_rows(dha[t, r0:r1], panels, dh_hw)
+            _matmul_rows(dha[t, r0:r1], panels, dh_hw, no_bias)
             dh[r0:r1] += dh_hw
 
 
