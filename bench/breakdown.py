@@ -74,7 +74,7 @@ def main(argv=None):
     per_step = 2 * N * H * G * H
     big = 2 * T * N * D * G * H
     part("forward: input products x W_ih^T, one call",  # into the array the layer keeps, as it does
-         lambda: np.matmul(x.reshape(T * N, D), w_ih.T, out=a.reshape(T * N, G * H)), big)
+         lambda: F.product(x.reshape(T * N, D), w_ih, a.reshape(T * N, G * H)), big)
     a_in = a.copy()
     if args.model == "gru":  # the LSTM adds its biases in the time loop, step by step
         part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
@@ -103,7 +103,7 @@ def main(argv=None):
     part(f"forward: the time loop, {T} products and cells", forward_loop, T * per_step)
     part(f"backward: the time loop, {T} cells and products", backward_loop, T * per_step)
     da2, x2, h2 = da.reshape(T * N, G * H), x.reshape(T * N, D), hs[:T].reshape(T * N, H)
-    part("backward: dx = da W_ih, one call", lambda: da2 @ w_ih, big)
+    part("backward: dx = da W_ih, one call", lambda: F.product(da2, w_ih.T), big)
     part("backward: dW_ih = da^T x, one call", lambda: da2.T @ x2, big)
     part("backward: dW_hh = da^T h, one call", lambda: da2.T @ h2, 2 * T * N * H * G * H)
     if args.model == "gru":  # the LSTM's backward loop sums it as it goes

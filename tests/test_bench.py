@@ -33,7 +33,7 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
     assert list(result["environments"]) == ["default"]
     env = result["environments"]["default"]
     assert env["env"]["OPENBLAS_CORETYPE"] is None and env["env"]["OPENBLAS_L2_SIZE"] is None
-    assert env["cells"] in ("numba fused, loop products on packed weights",
+    assert env["cells"] in ("numba fused, loop and input products on packed weights",
                             "NumPy reference (numba or nanolstm.fused not available)")
     assert positive(env["matmul_peak"]["gflops"])
     assert env["blas"] and {"internal_api", "version", "architecture", "num_threads"} <= set(env["blas"][0])

@@ -136,7 +136,8 @@ def measure_peak(spec, info):
 def _ours_setup(spec):
     """Choose nanolstm's cells: numba's fused ones if asked for and available, else NumPy's; and say
     whether the time loops' products are numba's on packed weights (functional.loop_product), and with
-    them the LSTM's and GRU's whole time loops (functional._loop)."""
+    them the LSTM's and GRU's whole time loops (functional._loop) and the input side's products over
+    all steps (functional.product)."""
     from nanolstm import functional
 
     fused = functional.use_numba(spec.get("numba", True))
@@ -639,7 +640,7 @@ class Runner:
 
     def cells(self, flags, packed):
         if all(flags):
-            return "numba fused, loop products " + ("on packed weights" if all(packed) else "by the BLAS")
+            return "numba fused, loop and input products " + ("on packed weights" if all(packed) else "by the BLAS")
         if not self.numba:
             return "NumPy reference (--no-numba)"
         return "NumPy reference (numba or nanolstm.fused not available)"
