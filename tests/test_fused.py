@@ -117,6 +117,39 @@ def strided(x):
     return wide[..., ::2]
 
 
+def test_float32_activations_within_their_documented_error():
+    """fused.py's own float32 exp (its polynomial with fused multiply-adds), sigmoid and tanh against
+    float64, on every 1009th float32 of [-87, 87]: within the errors its docstring states (exp 1.01
+    ulp, sigmoid 1.8e-7 relative, tanh 9e-8 absolute); and exact at +-1e4 and +-inf."""
+    from numba import njit
+
+    @njit(error_model="numpy")
+    def evaluate(x, e, s, t):
+        one = np.float32(1)
+        for i in range(x.shape[0]):
+            e[i] = fused._exp(-abs(x[i]))
+            s[i] = fused._sigmoid(x[i], one)
+            t[i] = fused._tanh(x[i], one)
+
+    positive = np.arange(0, 0x42AE0000, 1009, dtype=np.uint32).view(np.float32)  # 0 to 87
+    x = np.concatenate([-positive, positive])
+    e, s, t = (np.empty_like(x) for _ in range(3))
+    evaluate(x, e, s, t)
+    x64 = x.astype(np.float64)
+    exact = np.exp(-np.abs(x64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(e - exact) / ulp) <= 1.011
+    sigmoid = np.where(x64 >= 0, 1 / (1 + exact), exact / (1 + exact))
+    assert np.max(np.abs(s - sigmoid) / sigmoid) <= 1.8e-7
+    assert np.max(np.abs(t - np.tanh(x64))) <= 9e-8
+    extremes = np.float32([-1e4, 1e4, -np.inf, np.inf])
+    e, s, t = (np.empty_like(extremes) for _ in range(3))
+    evaluate(extremes, e, s, t)
+    np.testing.assert_array_equal(e, 0)
+    np.testing.assert_array_equal(s, [0, 1, 0, 1])
+    np.testing.assert_array_equal(t, [-1, 1, -1, 1])
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_cells_take_strided_arrays(cell):
     """Any strides work, not only the contiguous rows that functional.py passes."""
