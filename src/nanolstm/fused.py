@@ -321,9 +321,10 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # all the panels: its 64 rows stay in the core's cache while the panels stream past (shared out
 # panel by panel over all the rows, x did not stay in cache: 162 GFLOP/s against OpenBLAS's 192 at
 # 6400 x 512 x 2048). In chunks, 207-224 GFLOP/s against OpenBLAS's 189-207 (default kernel) for
-# the products of configurations b to d, 600 x 512 x 2048 included. The weight gradients, da^T x,
-# stay with the BLAS: read as da^T, da's rows are 8 KB apart, and a kernel reading it so ran at
-# 125-150 GFLOP/s.
+# the products of configurations c and d, about even at b's 3200 x 256 x 1024. The weight
+# gradients, da^T x, stay with the BLAS: read as da^T, a block's 8 rows lie 8 KB apart at every k,
+# and a kernel reading it so ran at 125-150 GFLOP/s; with da packed chunk by chunk, 174-185 against
+# OpenBLAS's 199-204.
 
 
 def threads_on_openmp():
