@@ -62,6 +62,33 @@ def test_only_rejects_unknown_parts():
         bench_parser().parse_args(["bench", "--only", "train,speed"])
 
 
+def test_configs_choose_the_training_configurations(monkeypatch):
+    args = bench_parser().parse_args(["bench", "--only", "train", "--configs", "d, lstm_a,gru_d",
+                                      "--no-torch", "--blas", "default"])
+    assert args.configs == ("lstm_d", "gru_d", "lstm_a")  # a letter is both models; no repeats
+    measured = []
+    monkeypatch.setattr(bench, "measure", lambda kind, spec, env, timeout: {"gflops": 100.0, "peak_rss_mb": 1.0})
+    monkeypatch.setattr(bench, "train_entry", lambda runner, env_name, env, model, letter, peak:
+                        measured.append(f"{model}_{letter}") or {"ours": {"error": "not measured here"}})
+    args.argv_shown = bench._shown_argv(args)  # as run() sets it
+    result = bench.collect(args, lambda msg: None)
+    assert measured == ["lstm_a", "lstm_d", "gru_d"]
+    assert sorted(result["environments"]["default"]["train"]) == ["gru_d", "lstm_a", "lstm_d"]
+    assert result["command"] == "nanolstm bench --no-torch --only train --configs lstm_d,gru_d,lstm_a --blas default"
+
+
+@pytest.mark.parametrize("configs", ["e", "lstm_e", "rnn_a", "lstm", ","])
+def test_configs_rejects_what_is_not_a_configuration(configs):
+    with pytest.raises(SystemExit):
+        bench_parser().parse_args(["bench", "--configs", configs])
+
+
+def test_configs_that_quick_does_not_have_are_one_line_and_status_2(capsys):
+    assert bench.main(["--quick", "--no-torch", "--configs", "c,d"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--quick has configuration a only" in err
+
+
 def test_flops_per_token_counts_every_layer_and_the_decoder():
     # layer 0 reads the embedding (64), layer 1 the hidden state; times 3 for training; decoder 6*H*V
     assert bench.train_flops_per_token("lstm", 1, 128) == 3 * 2 * (64 + 128) * 4 * 128 + 6 * 128 * 84

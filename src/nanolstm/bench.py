@@ -47,11 +47,14 @@ from pathlib import Path
 
 import numpy as np
 
+from nanolstm.errors import NanolstmError
+
 V = 84  # the vocabulary of ../shared/data/shakespeare.txt
 E = 64  # embedding size, ours and PyTorch's
 CLIP = 5.0
 LR = 2e-3
 PARTS = ("train", "generate", "data", "baseline")
+MODELS = ("lstm", "gru")
 
 # (layers, hidden, T, N) per configuration. --quick is a smoke test of the benchmark itself, not a
 # measurement: one tiny two-layer configuration, since every configuration runs the same code, and
@@ -726,7 +729,8 @@ def collect(args, log):
         out["blas"] = peak.get("blas")
         if "train" in only:
             out["train"] = {f"{m}_{k}": train_entry(runner, env_name, env, m, k, peak.get("gflops"))
-                            for m in ("lstm", "gru") for k in sizes["train"]}
+                            for m in MODELS for k in sizes["train"]
+                            if args.configs is None or f"{m}_{k}" in args.configs}
         if "generate" in only:
             out["generate"] = {f"streams_{n}": generate_entry(runner, env_name, env, n)
                                for n in sizes["generate"]["streams"]}
@@ -875,6 +879,24 @@ def _parts(text):
     return parts
 
 
+def _configs(text):
+    """--configs: a comma list of training configurations, each a letter (both models) or
+    model_letter (lstm_d) -> the model_letter keys, in the order given."""
+    keys = []
+    for item in (p.strip() for p in text.split(",")):
+        if item in TRAIN_CONFIGS:
+            keys += [f"{m}_{item}" for m in MODELS]
+        elif item.partition("_")[::2] in {(m, k) for m in MODELS for k in TRAIN_CONFIGS}:
+            keys.append(item)
+        elif item:
+            raise argparse.ArgumentTypeError(
+                f"--configs takes a comma list of {', '.join(TRAIN_CONFIGS)} or of those prefixed by "
+                f"{' or '.join(m + '_' for m in MODELS)} (lstm_d), got {item!r}")
+    if not keys:
+        raise argparse.ArgumentTypeError(f"--configs takes at least one configuration, got {text!r}")
+    return tuple(dict.fromkeys(keys))
+
+
 def _positive(text):
     try:
         n = int(text)
@@ -896,6 +918,9 @@ def add_arguments(p):
     a("--quick", action="store_true",
       help="a smoke test of the benchmark itself: configuration a only, tiny sizes, 2 steps")
     a("--only", type=_parts, metavar="PARTS", help=f"comma list among {','.join(PARTS)} (default all)")
+    a("--configs", type=_configs, metavar="CONFIGS",
+      help="the training configurations to measure: a comma list of a, b, c, d (LSTM and GRU) or of "
+           "lstm_a ... gru_d (default all; --quick has a only)")
     a("--no-torch", action="store_true", help="measure nanolstm only")
     a("--no-numba", action="store_true", help="use the NumPy reference cells even if numba is installed")
     a("--steps", type=_positive, help="timed training steps per configuration (default 20, after 3 warm-up)")
@@ -921,6 +946,8 @@ def _shown_argv(args):
             shown.append("--" + flag.replace("_", "-"))
     if args.only:
         shown.append("--only " + ",".join(args.only))
+    if args.configs:
+        shown.append("--configs " + ",".join(args.configs))
     if args.steps is not None:
         shown.append(f"--steps {args.steps}")
     if args.rounds is not None:
@@ -937,6 +964,10 @@ def say(msg):
 def run(args):
     """Run the benchmark as args says; print the table, write the JSON; 0 if every measurement ran."""
     args.argv_shown = _shown_argv(args)
+    sizes = QUICK if args.quick else FULL
+    if args.configs and not any(key.partition("_")[2] in sizes["train"] for key in args.configs):
+        raise NanolstmError(f"--configs {','.join(args.configs)}: --quick has configuration "
+                            f"{', '.join(sizes['train'])} only; leave out --quick or --configs")
     load, cpus = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
     if load > 0.5:
         say(f"warning: load average {load:.1f} on {cpus} CPUs: other programs are running, and with "
@@ -956,8 +987,9 @@ def main(argv=None):
     if argv[:1] == ["--worker"]:
         print(json.dumps(worker(json.loads(argv[1]))), flush=True)
         return 0
-    parser = add_arguments(argparse.ArgumentParser(prog="nanolstm bench", description=DESCRIPTION))
-    return run(parser.parse_args(argv))
+    from nanolstm import cli  # the command line's handling of bad input: one line, status 2
+
+    return cli.main(["bench", *argv])
 
 
 if __name__ == "__main__":
