@@ -121,3 +121,19 @@ def test_child_environments_leave_out_the_thread_settings_nanolstm_made(monkeypa
     for env in envs.values():
         assert "GOMP_SPINCOUNT" not in env and env["OPENBLAS_THREAD_TIMEOUT"] == "4"
     assert "OPENBLAS_CORETYPE" not in envs["default"] and envs["haswell"]["OPENBLAS_CORETYPE"] == "Haswell"
+
+
+def test_the_ratio_by_round_pairs_each_rounds_two_processes(monkeypatch):
+    args = bench_parser().parse_args(["bench", "--configs", "lstm_a", "--rounds", "3"])
+    speeds = iter([100.0, 50.0, 120.0, 100.0, 90.0, 30.0])  # ours, then PyTorch's, in each round
+    monkeypatch.setattr(bench, "measure",
+                        lambda kind, spec, env, timeout: {"tokens_per_s": next(speeds), "peak_rss_mb": 1.0})
+    runner = bench.Runner(args, lambda msg: None)
+    runner.use_torch = True  # the processes are the fakes above: PyTorch need not be installed
+    entry = bench.train_entry(runner, "default", {}, "lstm", "a", 1000.0)
+    assert entry["ours"]["runs"] == [100.0, 120.0, 90.0] and entry["torch"]["runs"] == [50.0, 100.0, 30.0]
+    assert entry["ours_over_torch"] == pytest.approx(1.2)  # the fastest of each side
+    assert entry["ours_over_torch_by_round"] == pytest.approx([2.0, 1.2, 3.0])
+    row = bench._train_table({"lstm_a": entry})[2]
+    assert "1.20x" in row and "2.00 (1.20-3.00)" in row
+    assert bench._by_round([1.3, None]) == "-"  # a round that failed leaves one ratio: no spread to show

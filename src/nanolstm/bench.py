@@ -26,7 +26,9 @@ Throughput is the median over the timed steps of a process, after warm-up steps 
 numba's kernels or load them from its cache): the median resists short bursts of noise. Longer slow
 spells of a shared (virtual) machine, which change a figure by a third from one minute to the next,
 are met by rounds: each measurement runs in --rounds processes, ours and PyTorch's taking turns, and
-the fastest process of each side counts, every run's figure kept in the JSON.
+the fastest process of each side counts, every run's figure kept in the JSON. The table's "by round"
+column shows the spread: the median and range of the ratio of each round's two processes, which ran
+one after the other.
 
 Shapes: T time, N batch (streams), E embedding, H hidden, L layers, V vocabulary, G gates per unit.
 """
@@ -670,6 +672,9 @@ def train_entry(runner, env_name, env, model, letter, peak_gflops, with_torch=Tr
             r["share_of_peak"] = _ratio(r["gflops"], peak_gflops)
     tps = {who: entry[who]["tokens_per_s"] for who in ("ours", "torch") if _ok(entry.get(who))}
     entry["ours_over_torch"] = _ratio(tps.get("ours"), tps.get("torch"))
+    if len(tps) == 2:  # each round's two processes ran one after the other: the spread of their ratio
+        entry["ours_over_torch_by_round"] = [_ratio(a, b) for a, b in
+                                             zip(entry["ours"]["runs"], entry["torch"]["runs"])]
     return entry
 
 
@@ -716,6 +721,8 @@ def collect(args, log):
                    "tokens": "uniform random token ids: the speed does not depend on their values",
                    "throughput": "median over the timed steps of one process; the fastest process "
                                  "of the rounds, ours and PyTorch's taking turns",
+                   "ours_over_torch_by_round": "training: the ratio of each round's two processes, "
+                                               "ours then PyTorch's",
                    "flops_per_token": "sum over layers of 3*2*(D_l+H)*G*H, plus 6*H*V",
                    "peak_rss": "ru_maxrss of a process that made this one measurement, MB = 2**20 bytes"},
         "environments": {},
@@ -782,9 +789,17 @@ def _blas_line(blas):
                      f"{b['num_threads']} threads" for b in blas)
 
 
+def _by_round(ratios):
+    """The median and range of the ratios of the rounds, as '1.26 (1.21-1.38)'; '-' for fewer than 2."""
+    ratios = [r for r in ratios or () if r is not None]
+    if len(ratios) < 2:
+        return "-"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
 def _train_table(train):
     head = (f"{'training':<28} {'ours tok/s':>11} {'torch tok/s':>11} {'ours/torch':>10} "
-            f"{'GFLOP/s':>8} {'% peak':>7} {'peak RSS MB ours / torch':>25}")
+            f"{'by round':>17} {'GFLOP/s':>8} {'% peak':>7} {'peak RSS MB ours / torch':>25}")
     lines = [head, "-" * len(head)]
     for key, e in train.items():
         c, o, t = e["config"], e["ours"], e.get("torch") or {}
@@ -792,7 +807,8 @@ def _train_table(train):
         share = o.get("share_of_peak")
         rss = f"{_num(o.get('peak_rss_mb'))} / {_num(t.get('peak_rss_mb'))}"
         lines.append(f"{name:<28} {_num(o.get('tokens_per_s')):>11} {_num(t.get('tokens_per_s')):>11} "
-                     f"{_num(e['ours_over_torch'], '{:.2f}x'):>10} {_num(o.get('gflops'), '{:.1f}'):>8} "
+                     f"{_num(e['ours_over_torch'], '{:.2f}x'):>10} "
+                     f"{_by_round(e.get('ours_over_torch_by_round')):>17} {_num(o.get('gflops'), '{:.1f}'):>8} "
                      f"{_num(share and 100 * share, '{:.0f}%'):>7} {rss:>25}")
     return lines
 
