@@ -322,9 +322,10 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # panel by panel over all the rows, x did not stay in cache: 162 GFLOP/s against OpenBLAS's 192 at
 # 6400 x 512 x 2048). In chunks, 207-224 GFLOP/s against OpenBLAS's 189-207 (default kernel) for
 # the products of configurations c and d, about even at b's 3200 x 256 x 1024. The weight
-# gradients, da^T x, stay with the BLAS: read as da^T, a block's 8 rows lie 8 KB apart at every k,
-# and a kernel reading it so ran at 125-150 GFLOP/s; with da packed chunk by chunk, 174-185 against
-# OpenBLAS's 199-204.
+# gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are 8 neighbours in
+# a row of da, the rows 8 KB apart), with chunks of k inside chunks of output rows, the kernel's best
+# was 198-202 GFLOP/s against OpenBLAS's 203-205 at d's sizes; with da packed chunk by chunk, 174-185
+# against 199-204 (README, "Tried and left out").
 
 
 def threads_on_openmp():
