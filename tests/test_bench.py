@@ -123,6 +123,26 @@ def test_child_environments_leave_out_the_thread_settings_nanolstm_made(monkeypa
     assert "OPENBLAS_CORETYPE" not in envs["default"] and envs["haswell"]["OPENBLAS_CORETYPE"] == "Haswell"
 
 
+def test_pytorchs_and_the_blas_processes_run_without_nanolstms_process_settings(monkeypatch):
+    """The child processes import nanolstm (the worker is in it); only ours may keep what the import
+    sets. Seen before: PyTorch's processes ran with GOMP_SPINCOUNT=10000 set by that import."""
+    import nanolstm
+
+    for name in ("GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", *nanolstm.MALLOC_VARS):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    env = bench.environments("default")["default"]
+    spec = {"n": 64, "reps": 1}
+    theirs = bench.measure("peak", spec, env, timeout=120)  # the BLAS as the user's machine has it
+    ours = bench.measure("train_ours", {"model": "lstm", "layers": 1, "hidden": 8, "T": 4, "N": 2,
+                                        "steps": 1, "warmup": 1, "numba": True}, env, timeout=300)
+    assert theirs["env"]["GOMP_SPINCOUNT"] is None and theirs["env"]["OPENBLAS_THREAD_TIMEOUT"] is None
+    assert theirs["malloc_set"] is False
+    if nanolstm.THREAD_ENV_SET:  # numba is installed: ours set the thread settings again
+        assert ours["env"]["GOMP_SPINCOUNT"] == nanolstm.THREAD_ENV_SET["GOMP_SPINCOUNT"]
+    assert ours["malloc_set"] is nanolstm.MALLOC_SET
+
+
 def test_the_ratio_by_round_pairs_each_rounds_two_processes(monkeypatch):
     args = bench_parser().parse_args(["bench", "--configs", "lstm_a", "--rounds", "3"])
     speeds = iter([100.0, 50.0, 120.0, 100.0, 90.0, 30.0])  # ours, then PyTorch's, in each round

@@ -490,6 +490,9 @@ MEASUREMENTS = {"peak": measure_peak, "train_ours": measure_train_ours, "train_t
                 "generate_ours": measure_generate_ours, "generate_torch": measure_generate_torch,
                 "encode": measure_encode, "data_train": measure_data_train, "baseline": measure_baseline}
 OURS = {"train_ours", "generate_ours", "data_train"}
+# run with the process as the user's environment leaves it: `import nanolstm` (which the worker needs)
+# makes none of its thread and malloc settings there
+AS_THEY_ARE = {"peak", "train_torch", "generate_torch", "baseline"}
 
 
 def _blas_info():
@@ -503,6 +506,8 @@ def _blas_info():
 
 def worker(spec):
     """Run one measurement in this process; return its result with the process's resources."""
+    import nanolstm
+
     info = {"kind": spec["kind"]}
     if spec["kind"] in OURS:
         info.update(_ours_setup(spec))
@@ -513,6 +518,7 @@ def worker(spec):
     info["peak_rss_mb"] = _peak_mb()
     info["blas"] = _blas_info()
     info["env"] = {k: os.environ.get(k) for k in SHOWN_VARS + ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    info["malloc_set"] = nanolstm.MALLOC_SET  # whether `import nanolstm` set malloc's thresholds
     return info
 
 
@@ -541,6 +547,8 @@ def measure(kind, spec, env, timeout):
     spec = dict(spec, kind=kind)
     if spec.get("numba") is False:  # the NumPy reference, with the BLAS's threads as NumPy leaves them
         env = dict(env, NANOLSTM_NUMBA="0")
+    if kind in AS_THEY_ARE:
+        env = dict(env, NANOLSTM_PROCESS_SETTINGS="0")
     cmd = [sys.executable, "-m", "nanolstm.bench", "--worker", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
