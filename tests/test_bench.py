@@ -35,6 +35,9 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
     assert env["env"]["OPENBLAS_CORETYPE"] is None and env["env"]["OPENBLAS_L2_SIZE"] is None
     assert env["cells"] in ("numba fused, loop and input products on packed weights",
                             "NumPy reference (numba or nanolstm.fused not available)")
+    import nanolstm
+
+    assert env["malloc_set"] is nanolstm.MALLOC_SET  # ours ran with what `import nanolstm` sets
     assert positive(env["matmul_peak"]["gflops"])
     assert env["blas"] and {"internal_api", "version", "architecture", "num_threads"} <= set(env["blas"][0])
 
@@ -55,6 +58,7 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "lstm a" in printed and "gru a" in printed and "generate lstm" in printed
+    assert ("malloc: freed memory kept" if nanolstm.MALLOC_SET else "malloc: as glibc leaves it") in printed
 
 
 def test_only_rejects_unknown_parts():

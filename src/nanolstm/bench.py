@@ -761,6 +761,7 @@ def collect(args, log):
                                                                 base.get("tokens_per_s"))}
         ours = [e["ours"] for part in ("train", "generate") for e in out.get(part, {}).values() if _ok(e["ours"])]
         out["cells"] = runner.cells([o["fused"] for o in ours], [o.get("packed") for o in ours]) if ours else None
+        out["malloc_set"] = all(o.get("malloc_set") for o in ours) if ours else None
 
     if "data" in only:  # the BLAS hardly matters here: one environment is enough
         env_name, env = next(iter(envs.items()))
@@ -879,7 +880,9 @@ def report(result):
                     or "no BLAS variables set")
         lines += ["", f"== environment {env_name} ({set_vars})",
                   f"{_blas_line(out.get('blas'))}; matmul peak {_num(peak.get('gflops'), '{:.0f}')} "
-                  f"GFLOP/s (float32 {peak.get('n', '?')}^2); cells: {out['cells'] or '-'}"]
+                  f"GFLOP/s (float32 {peak.get('n', '?')}^2); cells: {out['cells'] or '-'}"
+                  + {True: "; malloc: freed memory kept", False: "; malloc: as glibc leaves it"}.get(
+                      out.get("malloc_set"), "")]
         if "train" in out:
             lines += _train_table(out["train"])
         lines += [_generate_line(e) for e in out.get("generate", {}).values()]
