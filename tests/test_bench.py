@@ -46,6 +46,7 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
         ours = entry["ours"]
         for key in ("tokens_per_s", "gflops", "share_of_peak", "peak_rss_mb", "median_step_s"):
             assert positive(ours[key]), (name, key)
+        assert ours["page_faults_per_step"] >= 0
         assert isinstance(ours["fused"], bool)
         assert "torch" not in entry and entry["ours_over_torch"] is None
         c = entry["config"]

@@ -106,14 +106,17 @@ def _median_throughput(times, items_per_step):
 
 
 def _timed(step, warmup, steps):
+    """The seconds of each of `steps` calls of step() after `warmup` more, and the minor page faults
+    (memory the kernel hands over as it is first touched) a timed call."""
     for _ in range(warmup):
         step()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return times
+    return times, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(steps, 1)
 
 
 def _random_batches(T, N, count=4, seed=0):
@@ -170,8 +173,9 @@ def _timed_training(model, batch, spec):
         opt.step()
         run["state"], run["i"] = new_state, run["i"] + 1
 
-    times = _timed(step, spec["warmup"], spec["steps"])
+    times, faults = _timed(step, spec["warmup"], spec["steps"])
     out = _median_throughput(times, spec["T"] * spec["N"])
+    out["page_faults_per_step"] = faults
     out["tokens_per_s"] = out.pop("per_s")
     return out
 
@@ -225,9 +229,10 @@ def measure_train_torch(spec, info):
             run["state"] = new_state.detach()
         run["k"] += 1
 
-    times = _timed(step, spec["warmup"], spec["steps"])
+    times, faults = _timed(step, spec["warmup"], spec["steps"])
     out = _median_throughput(times, T * N)
     out["tokens_per_s"] = out.pop("per_s")
+    out["page_faults_per_step"] = faults
     return out
 
 
@@ -478,7 +483,7 @@ def measure_baseline(spec, info):
         model.update(d)
         run["k"] += 1
 
-    times = _timed(step, spec["warmup"], spec["sequences"])
+    times, _ = _timed(step, spec["warmup"], spec["sequences"])
     out = _median_throughput(times, T)
     out["tokens_per_s"] = out.pop("per_s")
     out.update(hidden=H, T=T, batch=1, dtype="float64", inputs=f"one-hot of {V}, no embedding",
