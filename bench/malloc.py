@@ -1,7 +1,7 @@
 """Training speed with and without the malloc setting that `import nanolstm` makes.
 
 On Linux with glibc, `import nanolstm` sets malloc's mmap threshold to 32 MB and its trim threshold
-to 64 MB (nanolstm/__init__.py), so that the arrays a training step frees stay in malloc's heap for
+to 512 MB (nanolstm/__init__.py), so that the arrays a training step frees stay in malloc's heap for
 the next step instead of going back to the kernel and being faulted in again page by page. Each
 measurement is `nanolstm bench`'s training measurement (bench.worker: the configuration's model,
 20 timed steps after 3) in a process of its own, one of two ways, in turns:

@@ -57,17 +57,18 @@ def _openblas_timeout_applied(timeout):
 # the kernel when more than its trim threshold lies free there. Both thresholds start at 128 KB and
 # follow the largest mapped array freed so far (the trim at twice it), so a step that frees more
 # than twice its largest array hands the memory back, and the next step takes it again, page by
-# page: 514 page faults a step at a, 3,000 at b. glibc is put here in the state its own rule reaches
-# once a 32 MB array has been freed: arrays under 32 MB from the heap, up to 64 MB of it kept free.
-# Steps: a 9.0 -> 8.1-8.3 ms, b 95 -> 93 ms (README, Speed). Linux with glibc only, and not where
-# the user set any of malloc's parameters.
+# page: 514 page faults a step at a, 3,000 at b. Set here: arrays under 32 MB (the most that glibc's
+# own rule would ever keep in the heap) from the heap, and up to 512 MB of it kept free, more than a
+# step of the benchmark's configuration d frees (64 MB still left 2,000 faults a step at c). Then no
+# step of a to d faults; tokens/s a 1.08x, b 1.07x, c 1.01x (bench/malloc.py; README, Speed).
+# Linux with glibc only, and not where the user set any of malloc's parameters.
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
 MALLOC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
 def _keep_freed_memory():
-    """Whether glibc's malloc now serves arrays under 32 MB from its heap and keeps up to 64 MB of
+    """Whether glibc's malloc now serves arrays under 32 MB from its heap and keeps up to 512 MB of
     freed memory there (mallopt)."""
     if not sys.platform.startswith("linux") or any(name in os.environ for name in MALLOC_VARS):
         return False
@@ -82,7 +83,7 @@ def _keep_freed_memory():
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 64 << 20) == 1
+    return mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 512 << 20) == 1
 
 
 # NANOLSTM_PROCESS_SETTINGS=0 leaves the process as it is: neither the threads' nor malloc's
