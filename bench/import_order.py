@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 
+import nanolstm
 from nanolstm import bench
 
 NUMPY_FIRST = ("import sys, numpy; numpy.ones((512, 512), numpy.float32) @ numpy.ones((512, 512), numpy.float32); "
@@ -42,7 +43,7 @@ def tokens_per_s(config, way):
             "steps": bench.FULL["steps"], "warmup": bench.FULL["warmup"]}
     args, extra = WAYS[way]
     # the user's own environment, without what importing nanolstm here set
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    env = {k: v for k, v in os.environ.items() if k not in nanolstm.THREAD_SETTINGS}
     env.update(extra)
     proc = subprocess.run([sys.executable, *args, "--worker", json.dumps(spec)], env=env, capture_output=True,
                           text=True, check=True)

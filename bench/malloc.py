@@ -28,11 +28,11 @@ import sys
 import nanolstm
 from nanolstm import bench
 
-THREAD_SETTINGS = {"OPENBLAS_THREAD_TIMEOUT": "1", "GOMP_SPINCOUNT": "10000"}  # as nanolstm/__init__.py
-MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(512 << 20)}
+MALLOC_SETTINGS = {"MALLOC_MMAP_THRESHOLD_": str(nanolstm.MMAP_THRESHOLD),
+                   "MALLOC_TRIM_THRESHOLD_": str(nanolstm.TRIM_THRESHOLD)}
 AS_BENCH_RUNS_THEM = {"NANOLSTM_PROCESS_SETTINGS": "0"}  # PyTorch's processes in `nanolstm bench`
 WAYS = {
-    "ours": {"malloc set": {}, "glibc's own": {**AS_BENCH_RUNS_THEM, **THREAD_SETTINGS}},
+    "ours": {"malloc set": {}, "glibc's own": {**AS_BENCH_RUNS_THEM, **nanolstm.THREAD_SETTINGS}},
     "torch": {"malloc set": {**AS_BENCH_RUNS_THEM, **MALLOC_SETTINGS}, "glibc's own": AS_BENCH_RUNS_THEM},
 }
 

@@ -65,6 +65,7 @@ def _openblas_timeout_applied(timeout):
 # Linux with glibc only, and not where the user set any of malloc's parameters.
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 512 << 20  # bytes
 MALLOC_VARS = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 
@@ -84,7 +85,7 @@ def _keep_freed_memory():
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    return mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(_M_TRIM_THRESHOLD, 512 << 20) == 1
+    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
 
 
 # NANOLSTM_PROCESS_SETTINGS=0 leaves the process as it is: neither the threads' nor malloc's
@@ -92,9 +93,10 @@ def _keep_freed_memory():
 SETTINGS = os.environ.get("NANOLSTM_PROCESS_SETTINGS", "1") != "0"
 MALLOC_SET = SETTINGS and _keep_freed_memory()
 BLAS_TIMEOUT_IN_EFFECT = "numpy" not in sys.modules  # whether OpenBLAS has OPENBLAS_THREAD_TIMEOUT's value
+THREAD_SETTINGS = {"OPENBLAS_THREAD_TIMEOUT": "1", "GOMP_SPINCOUNT": "10000"}
 THREAD_ENV_SET = {}  # what was set here (the benchmark gives PyTorch's processes the user's own)
 if SETTINGS and os.environ.get("NANOLSTM_NUMBA", "1") != "0" and find_spec("numba") is not None:
-    for _name, _value in [("OPENBLAS_THREAD_TIMEOUT", "1"), ("GOMP_SPINCOUNT", "10000")]:
+    for _name, _value in THREAD_SETTINGS.items():
         if _name not in os.environ:
             os.environ[_name] = THREAD_ENV_SET[_name] = _value
     if not BLAS_TIMEOUT_IN_EFFECT and os.environ["OPENBLAS_THREAD_TIMEOUT"].isdigit():

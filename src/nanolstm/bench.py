@@ -522,7 +522,7 @@ def worker(spec):
     info["wall_s"] = time.perf_counter() - t0
     info["peak_rss_mb"] = _peak_mb()
     info["blas"] = _blas_info()
-    info["env"] = {k: os.environ.get(k) for k in SHOWN_VARS + ("OPENBLAS_THREAD_TIMEOUT", "GOMP_SPINCOUNT")}
+    info["env"] = {k: os.environ.get(k) for k in SHOWN_VARS + tuple(nanolstm.THREAD_SETTINGS)}
     info["malloc_set"] = nanolstm.MALLOC_SET  # whether `import nanolstm` set malloc's thresholds
     return info
 
