@@ -60,6 +60,36 @@ from numba.extending import intrinsic, overload
 
 _jit = njit(cache=True, fastmath=False, nogil=True, error_model="numpy")
 
+
+# ---------------------------------------------------------------------------------------------
+# Vector width. On Intel CPUs with AVX-512, LLVM's x86 backend prefers 256-bit vectors (the older
+# ones lowered their clock for 512-bit instructions), so numba's loops came out in AVX2 halves on
+# the 2-core Xeon (Emerald Rapids) this project also runs on: the packed product's 8 x 32 block of
+# sums then needs all 32 vector registers and spills, and ran at 55-60 GFLOP/s a core against
+# OpenBLAS's ~110. Each kernel below marks the function LLVM compiles it into with LLVM's own
+# attribute "prefer-vector-width"="512" (what clang's -mprefer-vector-width=512 sets), as numba has
+# no option for it: 512-bit vectors where the CPU has them, on AMD and Intel alike; elsewhere LLVM
+# takes the widest it has. The width changes no result: the loops are vectorised across independent
+# columns, and every sum keeps its order.
+
+_WIDE = '"prefer-vector-width"="512"'
+
+
+@intrinsic
+def _wide_vectors(typingctx):
+    """Marks the LLVM function being compiled as preferring 512-bit vectors; generates no code."""
+
+    def codegen(context, builder, signature, args):
+        attributes = builder.function.attributes
+        try:  # llvmlite checks attribute names against a list of its own, without LLVM's strings
+            attributes._known = attributes._known | {_WIDE}
+            attributes.add(_WIDE)
+        except (AttributeError, TypeError, ValueError):  # another llvmlite: the target's own width
+            pass
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
 # ---------------------------------------------------------------------------------------------
 # exp of x <= 0, the only transcendental function here; in float32 written out so that it vectorises.
 # Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n by bits.
@@ -132,6 +162,7 @@ def _tanh(x, one):
 def lstm_cell_forward(a, hw, c_prev, c, h, tanh_c):
     """As functional.lstm_cell_forward. a (N, 4H) in: input-side pre-activations, out: i, f, g, o.
     hw (N, 4H) = h_{t-1} W_hh^T; c_prev (N, H) in; c, h, tanh_c (N, H) out."""
+    _wide_vectors()
     N, H = c_prev.shape
     one = a.dtype.type(1)
     for n in range(N):
@@ -151,6 +182,7 @@ def lstm_cell_forward(a, hw, c_prev, c, h, tanh_c):
 def lstm_cell_backward(dh, dc, a, c_prev, tanh_c, da):
     """As functional.lstm_cell_backward. dh (N, H) in; dc (N, H): dc_t in, dc_{t-1} out.
     a (N, 4H): i, f, g, o; c_prev, tanh_c (N, H) in. da (N, 4H) out."""
+    _wide_vectors()
     N, H = dh.shape
     one = a.dtype.type(1)
     for n in range(N):
@@ -177,6 +209,7 @@ def lstm_cell_backward(dh, dc, a, c_prev, tanh_c, da):
 def gru_cell_forward(a, hw, b_hn, h_prev, h, hn):
     """As functional.gru_cell_forward. a (N, 3H) in: input-side pre-activations, out: r, z, n.
     hw (N, 3H) = h_prev W_hh^T; b_hn (H,); h_prev (N, H) in; h, hn (N, H) out."""
+    _wide_vectors()
     N, H = h_prev.shape
     one = a.dtype.type(1)
     for n in range(N):
@@ -197,6 +230,7 @@ def gru_cell_forward(a, hw, b_hn, h_prev, h, hn):
 def gru_cell_backward(dh, a, hn, h_prev, dxa, dha):
     """As functional.gru_cell_backward. dh (N, H): dh_t in, the z * h_{t-1} part of dh_{t-1} out.
     a (N, 3H): r, z, n; hn, h_prev (N, H) in. dxa, dha (N, 3H) out."""
+    _wide_vectors()
     N, H = dh.shape
     one = a.dtype.type(1)
     for n in range(N):
@@ -229,6 +263,7 @@ cells = {
 def add_rows(idx, rows, out):
     """out[idx[m]] += rows[m] for every m, in order: idx (M,) ints, rows (M, D), out (V, D).
     As functional.embedding_backward's sort and np.add.reduceat, without the sorted copy of rows."""
+    _wide_vectors()
     for m in range(idx.shape[0]):
         target, row = out[idx[m]], rows[m]
         for j in range(row.shape[0]):
@@ -245,6 +280,7 @@ def add_rows(idx, rows, out):
 @_jit
 def log_sum_exp(z, out):
     """As functional.log_sum_exp: z (M, V), out (M,)."""
+    _wide_vectors()
     M, V = z.shape
     e = np.empty(V, z.dtype)
     for m in range(M):
@@ -266,6 +302,7 @@ def log_sum_exp(z, out):
 @_jit
 def softmax_minus_onehot(z, lse, y, scale, out):
     """As functional.softmax_minus_onehot: z (M, V), lse (M,), y (M,) ints, scale (M,), out (M, V)."""
+    _wide_vectors()
     M, V = z.shape
     for m in range(M):
         row, o, top, s = z[m], out[m], lse[m], scale[m]
@@ -285,6 +322,7 @@ loss = (log_sum_exp, softmax_minus_onehot)
 def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, correction2, eps):
     """p, g, m, v flat, of one dtype, in place; the scalars in that dtype."""
     for i in prange(p.shape[0]):
+        _wide_vectors()
         gi = g[i]
         mi = m[i] * beta1 + one_minus_beta1 * gi
         vi = v[i] * beta2 + one_minus_beta2 * (gi * gi)
@@ -415,6 +453,7 @@ def _store_block(acc, out, i0, j0):
 def _matmul_rows(x, panels, out, bias):
     """out = x @ w^T + bias (empty: none), as matmul_packed but on the calling thread alone: the
     product of one thread's rows in a time loop, or of one chunk of a large product's rows."""
+    _wide_vectors()
     acc = carray(_block_on_stack(), (_MR, _NR))
     for p in range(panels.shape[0]):
         for i0 in range(0, x.shape[0], _MR):
@@ -433,10 +472,12 @@ def matmul_packed(x, panels, out):
     no_bias = np.empty(0, x.dtype)
     if M >= 2 * _CHUNK:  # a large product: chunks of rows, each by all the panels
         for c in prange(-(-M // _CHUNK)):
+            _wide_vectors()
             lo, hi = c * _CHUNK, min(M, (c + 1) * _CHUNK)
             _matmul_rows(x[lo:hi], panels, out[lo:hi], no_bias)
         return
     for p in prange(panels.shape[0]):  # a step's product: the panels shared out
+        _wide_vectors()
         w = panels[p]  # (K, 32)
         acc = carray(_block_on_stack(), (_MR, _NR))
         if M == 1:  # a single row (one stream of generation): k split four ways, so that four
@@ -507,6 +548,7 @@ def _shares(N):
 def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, parts):
     T, N, G = a.shape
     for part in prange(parts):
+        _wide_vectors()
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
@@ -521,6 +563,7 @@ def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_part
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
     for part in prange(parts):
+        _wide_vectors()
         r0, r1 = _row_share(N, part, parts)
         db = db_parts[part]  # this thread's rows' sum of da, in float64
         for t in range(T - 1, -1, -1):
@@ -538,6 +581,7 @@ def _gru_loop_forward(a, table, ids, hs, hns, b_hn, panels, parts):
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
     for part in prange(parts):
+        _wide_vectors()
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
@@ -551,6 +595,7 @@ def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
     T, N, H = dout.shape
     no_bias = np.empty(0, dh.dtype)
     for part in prange(parts):
+        _wide_vectors()
         r0, r1 = _row_share(N, part, parts)
         dh_hw = np.empty((r1 - r0, H), dh.dtype)
         for t in range(T - 1, -1, -1):
