@@ -165,6 +165,7 @@ def main(argv=None):
     alone_part(f"{T} products da W_hh, both threads on each", backward_products, T * per_step)
 
     packed = "numba, packed weights" if F._compiled.get("packed_loops") else "BLAS"
+    packed += ", input products: " + ("numba, packed weights" if F._compiled.get("packed_products") else "BLAS")
     print(f"{args.model} layer: H={H} D={D} T={T} N={N}, float32, cells: "
           f"{'numba fused' if fused else 'NumPy reference'}, loop products: {packed}; "
           f"large square product {peak:.0f} GFLOP/s")

@@ -33,7 +33,10 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
     assert list(result["environments"]) == ["default"]
     env = result["environments"]["default"]
     assert env["env"]["OPENBLAS_CORETYPE"] is None and env["env"]["OPENBLAS_L2_SIZE"] is None
-    assert env["cells"] in ("numba fused, loop and input products on packed weights",
+    from nanolstm import functional
+
+    packed = "on packed weights" if functional._compiled.get("packed_products") else "by the BLAS"
+    assert env["cells"] in (f"numba fused, loop products on packed weights, input products {packed}",
                             "NumPy reference (numba or nanolstm.fused not available)")
     import nanolstm
 

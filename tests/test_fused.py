@@ -354,12 +354,14 @@ def test_pack_lays_out_panels_of_32_columns():
 
 @pytest.fixture
 def packed_loops(monkeypatch, restore_cells):
-    """The loop products on packed weights whatever the BLAS's threads do (only speed depends on
-    them); the BLAS ones with packed_loops(False)."""
+    """The loop products, and the products over all steps, on packed weights whatever the BLAS's
+    threads do and whichever CPU this is (only speed depends on them); the BLAS ones with
+    packed_loops(False)."""
     assert nl.use_numba(True)
 
     def choose(packed):
         monkeypatch.setitem(F._compiled, "packed_loops", packed)
+        monkeypatch.setitem(F._compiled, "packed_products", packed)
 
     choose(True)
     return choose
@@ -403,6 +405,22 @@ def test_products_over_all_steps_packed_where_they_can_be(packed_loops, monkeypa
     del calls[:]
     F.product(x, w)
     assert not calls
+
+
+@pytest.mark.parametrize("cpu,packed", [("znver4", True), ("emeraldrapids", False), ("generic", False)])
+def test_products_over_all_steps_packed_only_on_the_cpus_measured_faster(cpu, packed, monkeypatch, restore_cells):
+    """use_numba packs the products over all steps on Zen 4 alone, and only where the loops'
+    products are packed; elsewhere functional.product leaves them to the BLAS."""
+    from llvmlite import binding
+
+    monkeypatch.setattr(binding, "get_host_cpu_name", lambda: cpu)
+    monkeypatch.setattr(F, "blas_threads_sleep", lambda: True)
+    monkeypatch.setattr(fused, "threads_on_openmp", lambda: True)
+    assert nl.use_numba(True)
+    assert F._compiled["packed_loops"] and F._compiled["packed_products"] == packed
+    monkeypatch.setattr(F, "blas_threads_sleep", lambda: False)
+    assert nl.use_numba(True)
+    assert not F._compiled["packed_loops"] and not F._compiled["packed_products"]
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

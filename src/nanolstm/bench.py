@@ -144,12 +144,13 @@ def measure_peak(spec, info):
 def _ours_setup(spec):
     """Choose nanolstm's cells: numba's fused ones if asked for and available, else NumPy's; and say
     whether the time loops' products are numba's on packed weights (functional.loop_product), and with
-    them the LSTM's and GRU's whole time loops (functional._loop) and the input side's products over
-    all steps (functional.product)."""
+    them the LSTM's and GRU's whole time loops (functional._loop); and whether the input side's
+    products over all steps are too (functional.product: on Zen 4 only)."""
     from nanolstm import functional
 
     fused = functional.use_numba(spec.get("numba", True))
-    return {"fused": fused, "packed": bool(functional._compiled.get("packed_loops"))}
+    return {"fused": fused, "packed": bool(functional._compiled.get("packed_loops")),
+            "packed_products": bool(functional._compiled.get("packed_products"))}
 
 
 def _timed_training(model, batch, spec):
@@ -656,9 +657,11 @@ class Runner:
             best[key]["runs"] = [_speed(r) if _ok(r) else None for r in results]
         return best
 
-    def cells(self, flags, packed):
+    def cells(self, flags, packed, packed_products):
         if all(flags):
-            return "numba fused, loop and input products " + ("on packed weights" if all(packed) else "by the BLAS")
+            loops = "loop products " + ("on packed weights" if all(packed) else "by the BLAS")
+            return f"numba fused, {loops}, input products " + (
+                "on packed weights" if all(packed_products) else "by the BLAS")
         if not self.numba:
             return "NumPy reference (--no-numba)"
         return "NumPy reference (numba or nanolstm.fused not available)"
@@ -765,7 +768,8 @@ def collect(args, log):
                                "nanolstm_over_tutorial": _ratio(ours_a.get("tokens_per_s"),
                                                                 base.get("tokens_per_s"))}
         ours = [e["ours"] for part in ("train", "generate") for e in out.get(part, {}).values() if _ok(e["ours"])]
-        out["cells"] = runner.cells([o["fused"] for o in ours], [o.get("packed") for o in ours]) if ours else None
+        out["cells"] = runner.cells([o["fused"] for o in ours], [o.get("packed") for o in ours],
+                                    [o.get("packed_products") for o in ours]) if ours else None
         out["malloc_set"] = all(o.get("malloc_set") for o in ours) if ours else None
 
     if "data" in only:  # the BLAS hardly matters here: one environment is enough

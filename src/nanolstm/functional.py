@@ -291,12 +291,14 @@ def blas_threads_sleep():
 
 def product(x, w, out=None):
     """out (M, N) = x (M, K) @ w^T for w (N, K), out a new array when not given: a product over all
-    the steps of a sequence at once. By fused.matmul_packed (in chunks of 64 rows of x) when the
-    time loops' products are packed (loop_product's conditions) and x and out are float32 and
-    C-contiguous; else by the BLAS. On this project's machine the packed kernel took d's x W_ih^T
-    and da W_ih at 207-224 GFLOP/s against OpenBLAS's 192-207 (default kernel; README, Speed)."""
+    the steps of a sequence at once. By fused.matmul_packed (in chunks of 64 rows of x) where it
+    beats the BLAS on this CPU (fused.large_products_packed: AMD's Zen 4) while the time loops'
+    products are packed, and x and out are float32 and C-contiguous; else by the BLAS. On the 2-core
+    EPYC (Zen 4) the packed kernel took d's x W_ih^T and da W_ih at 207-224 GFLOP/s against
+    OpenBLAS's 192-207; on the 2-core Xeon (Emerald Rapids) OpenBLAS's own AVX-512 kernel was the
+    faster, 185-290 against 150-223, and a training step of d 1.10x faster with it (README, Speed)."""
     out = np.empty((x.shape[0], w.shape[0]), x.dtype) if out is None else out
-    if (_compiled.get("packed_loops") and x.dtype == w.dtype == out.dtype == np.float32
+    if (_compiled.get("packed_products") and x.dtype == w.dtype == out.dtype == np.float32
             and x.flags.c_contiguous and out.flags.c_contiguous):
         _compiled["matmul_packed"](x, _compiled["pack"](w), out)
     else:
@@ -647,7 +649,9 @@ _reference_loops = {
     "lstm": (lstm_loop_forward, lstm_loop_backward),
     "gru": (gru_loop_forward, gru_loop_backward),
 }
-# other compiled kernels in use: fused.add_rows, .loss, .adam_update, .pack, .matmul_packed, .loops
+# other compiled kernels in use: fused.add_rows, .loss, .adam_update, .pack, .matmul_packed, .loops;
+# and whether the time loops' products (packed_loops) and the products over all steps
+# (packed_products) are fused.matmul_packed's
 _compiled = {}
 
 
@@ -689,7 +693,9 @@ def use_numba(enable=True):
         else:
             _cells.update(fused.cells)
             _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
-                             loops=fused.loops, loss=fused.loss, adam=fused.adam_update, packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
+                             loops=fused.loops, loss=fused.loss, adam=fused.adam_update,
+                             packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
+            _compiled["packed_products"] = _compiled["packed_loops"] and fused.large_products_packed()
     if not enable:
         _cells.update(_reference_cells)
         _compiled.clear()

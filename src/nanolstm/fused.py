@@ -359,7 +359,12 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # all the panels: its 64 rows stay in the core's cache while the panels stream past (shared out
 # panel by panel over all the rows, x did not stay in cache: 162 GFLOP/s against OpenBLAS's 192 at
 # 6400 x 512 x 2048). In chunks, 207-224 GFLOP/s against OpenBLAS's 189-207 (default kernel) for
-# the products of configurations c and d, about even at b's 3200 x 256 x 1024. The weight
+# the products of configurations c and d, about even at b's 3200 x 256 x 1024, on the EPYC (Zen 4).
+# On the Xeon (Emerald Rapids) OpenBLAS was the faster at them (below: large_products_packed), and
+# there they stay with it. Blocking the chunks otherwise did not close that gap there: the panels
+# in groups of 16 (1 MB, kept in the core's 2 MB cache while all rows pass) or k in halves, each
+# 5-25% slower than plain chunks; x copied into blocks of 8 rows laid out k by k, 3-8% faster on
+# one thread and slower on two. The weight
 # gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are 8 neighbours in
 # a row of da, the rows 8 KB apart), with chunks of k inside chunks of output rows, the kernel's best
 # was 198-202 GFLOP/s against OpenBLAS's 203-205 at d's sizes; with da packed chunk by chunk, 174-185
@@ -384,6 +389,21 @@ def threads_on_openmp():
             continue
         return layer == "omppool"
     return False
+
+
+# CPUs (LLVM's names) on which the products over all steps at once ran faster in chunks by
+# matmul_packed than by OpenBLAS: AMD's Zen 4, whose cores take a 512-bit multiply-add as two halves
+# and on which OpenBLAS runs its kernel for Intel's (SkylakeX). On Intel's Emerald Rapids that
+# kernel was the faster (185-290 GFLOP/s against 150-223 at d's 8192 x 512 x 2048, both cores);
+# on a CPU not measured the BLAS takes them.
+PACKED_LARGE_PRODUCTS_CPUS = frozenset({"znver4"})
+
+
+def large_products_packed():
+    """Whether this CPU takes the products over all steps (functional.product) by matmul_packed."""
+    from llvmlite import binding
+
+    return binding.get_host_cpu_name() in PACKED_LARGE_PRODUCTS_CPUS
 
 
 _NR = 32  # columns of the output per panel
