@@ -1,6 +1,8 @@
 """The compiled cells of nanolstm.fused against the NumPy reference cells of nanolstm.functional:
 every output and every array a cell overwrites, one cell at a time and through whole layers."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -407,13 +409,22 @@ def test_products_over_all_steps_packed_where_they_can_be(packed_loops, monkeypa
     assert not calls
 
 
-@pytest.mark.parametrize("cpu,packed", [("znver4", True), ("emeraldrapids", False), ("generic", False)])
-def test_products_over_all_steps_packed_only_on_the_cpus_measured_faster(cpu, packed, monkeypatch, restore_cells):
-    """use_numba packs the products over all steps on Zen 4 alone, and only where the loops'
-    products are packed; elsewhere functional.product leaves them to the BLAS."""
+@pytest.mark.parametrize("cpu,avx512,kernels,packed", [
+    ("znver4", True, ["SkylakeX"], True), ("znver4", True, [], True),
+    ("emeraldrapids", True, ["SkylakeX"], False), ("emeraldrapids", True, ["SapphireRapids"], False),
+    ("emeraldrapids", True, ["Haswell"], True), ("emeraldrapids", True, ["Haswell", "SkylakeX"], False),
+    ("emeraldrapids", True, [], False), ("emeraldrapids", True, [None], False),
+    ("haswell", False, ["Haswell"], False), ("generic", False, [], False)])
+def test_products_over_all_steps_packed_only_where_measured_faster(cpu, avx512, kernels, packed, monkeypatch,
+                                                                   restore_cells):
+    """use_numba packs the products over all steps on Zen 4, and where OpenBLAS runs a kernel without
+    the CPU's 512-bit vectors, and only where the loops' products are packed; elsewhere (another BLAS,
+    or a kernel that does not say its name, included) functional.product leaves them to the BLAS."""
     from llvmlite import binding
 
     monkeypatch.setattr(binding, "get_host_cpu_name", lambda: cpu)
+    monkeypatch.setattr(binding, "get_host_cpu_features", lambda: {"avx512f": avx512})
+    monkeypatch.setattr(fused, "openblas_kernels", lambda: kernels)
     monkeypatch.setattr(F, "blas_threads_sleep", lambda: True)
     monkeypatch.setattr(fused, "threads_on_openmp", lambda: True)
     assert nl.use_numba(True)
@@ -421,6 +432,17 @@ def test_products_over_all_steps_packed_only_on_the_cpus_measured_faster(cpu, pa
     monkeypatch.setattr(F, "blas_threads_sleep", lambda: False)
     assert nl.use_numba(True)
     assert not F._compiled["packed_loops"] and not F._compiled["packed_products"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the loaded libraries are read from /proc")
+def test_openblas_kernels_name_the_kernel_threadpoolctl_reports():
+    """fused.openblas_kernels finds NumPy's OpenBLAS (its functions renamed in NumPy's wheels) and
+    names the kernel it runs, as threadpoolctl does."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    expected = sorted(i["architecture"] for i in threadpoolctl.threadpool_info() if i["internal_api"] == "openblas")
+    if not expected:
+        pytest.skip("NumPy's BLAS is not OpenBLAS")
+    assert sorted(fused.openblas_kernels()) == expected
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

@@ -19,6 +19,19 @@ from importlib.util import find_spec
 # done, the time loops keep to the BLAS (functional.loop_product): the same results, slower.
 
 
+def loaded_openblas():
+    """The OpenBLAS libraries loaded in this process (NumPy's, and any other), as ctypes handles;
+    found in /proc/self/maps, so on Linux only: elsewhere, and if they cannot be read, none."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {parts[5].strip() for parts in (line.split(maxsplit=5) for line in maps) if len(parts) == 6}
+        return [ctypes.CDLL(path) for path in sorted(paths) if "openblas" in os.path.basename(path).lower()]
+    except OSError:
+        return []
+
+
 def _openblas_timeout_applied(timeout):
     """Whether every OpenBLAS loaded in this process now has its threads sleep after 2^timeout
     cycles (at least 2^4), timeout being OPENBLAS_THREAD_TIMEOUT's value: those that read another
@@ -29,15 +42,9 @@ def _openblas_timeout_applied(timeout):
     Only while this is the process's only Python thread: stopping OpenBLAS's threads in the middle of
     another thread's product hangs both (seen: an import beside a loop of products never returned).
     With other threads running, the loops keep to the BLAS."""
-    import ctypes
     import threading
 
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {parts[5].strip() for parts in (line.split(maxsplit=5) for line in maps) if len(parts) == 6}
-        libs = [ctypes.CDLL(path) for path in paths if "openblas" in os.path.basename(path).lower()]
-    except OSError:
-        return False
+    libs = loaded_openblas()
     needed = ("openblas_thread_timeout", "openblas_read_env", "blas_thread_shutdown_", "blas_thread_init")
     if not libs or not all(hasattr(lib, name) for lib in libs for name in needed):
         return False

@@ -145,7 +145,8 @@ def _ours_setup(spec):
     """Choose nanolstm's cells: numba's fused ones if asked for and available, else NumPy's; and say
     whether the time loops' products are numba's on packed weights (functional.loop_product), and with
     them the LSTM's and GRU's whole time loops (functional._loop); and whether the input side's
-    products over all steps are too (functional.product: on Zen 4 only)."""
+    products over all steps are too (functional.product: on Zen 4, and where OpenBLAS's kernel is
+    narrower than the CPU's vectors)."""
     from nanolstm import functional
 
     fused = functional.use_numba(spec.get("numba", True))

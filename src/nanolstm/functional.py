@@ -292,11 +292,13 @@ def blas_threads_sleep():
 def product(x, w, out=None):
     """out (M, N) = x (M, K) @ w^T for w (N, K), out a new array when not given: a product over all
     the steps of a sequence at once. By fused.matmul_packed (in chunks of 64 rows of x) where it
-    beats the BLAS on this CPU (fused.large_products_packed: AMD's Zen 4) while the time loops'
-    products are packed, and x and out are float32 and C-contiguous; else by the BLAS. On the 2-core
-    EPYC (Zen 4) the packed kernel took d's x W_ih^T and da W_ih at 207-224 GFLOP/s against
-    OpenBLAS's 192-207; on the 2-core Xeon (Emerald Rapids) OpenBLAS's own AVX-512 kernel was the
-    faster, 185-290 against 150-223, and a training step of d 1.10x faster with it (README, Speed)."""
+    beats the BLAS (fused.large_products_packed: on AMD's Zen 4, and where OpenBLAS runs a kernel
+    without the CPU's 512-bit vectors) while the time loops' products are packed, and x and out are
+    float32 and C-contiguous; else by the BLAS. On the 2-core EPYC (Zen 4) the packed kernel took d's
+    x W_ih^T and da W_ih at 207-224 GFLOP/s against OpenBLAS's 192-207; on the 2-core Xeon (Emerald
+    Rapids) OpenBLAS's own AVX-512 kernel was the faster, 185-290 against 150-223, and a training
+    step of d 1.10x faster with it; with OpenBLAS's Haswell kernel there, 1.20-1.23x slower
+    (README, Speed)."""
     out = np.empty((x.shape[0], w.shape[0]), x.dtype) if out is None else out
     if (_compiled.get("packed_products") and x.dtype == w.dtype == out.dtype == np.float32
             and x.flags.c_contiguous and out.flags.c_contiguous):

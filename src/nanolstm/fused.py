@@ -360,12 +360,12 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # panel by panel over all the rows, x did not stay in cache: 162 GFLOP/s against OpenBLAS's 192 at
 # 6400 x 512 x 2048). In chunks, 207-224 GFLOP/s against OpenBLAS's 189-207 (default kernel) for
 # the products of configurations c and d, about even at b's 3200 x 256 x 1024, on the EPYC (Zen 4).
-# On the Xeon (Emerald Rapids) OpenBLAS was the faster at them (below: large_products_packed), and
-# there they stay with it. Blocking the chunks otherwise did not close that gap there: the panels
-# in groups of 16 (1 MB, kept in the core's 2 MB cache while all rows pass) or k in halves, each
-# 5-25% slower than plain chunks; x copied into blocks of 8 rows laid out k by k, 3-8% faster on
-# one thread and slower on two. The weight
-# gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are 8 neighbours in
+# On the Xeon (Emerald Rapids) OpenBLAS's AVX-512 kernel was the faster at them (below:
+# large_products_packed), and there they stay with it, unless OpenBLAS runs a narrower kernel.
+# Blocking the chunks otherwise did not close that gap there: the panels in groups of 16 (1 MB,
+# kept in the core's 2 MB cache while all rows pass) or k in halves, each 5-25% slower than plain
+# chunks; x copied into blocks of 8 rows laid out k by k, 3-8% faster on one thread and slower on
+# two. The weight gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are 8 neighbours in
 # a row of da, the rows 8 KB apart), with chunks of k inside chunks of output rows, the kernel's best
 # was 198-202 GFLOP/s against OpenBLAS's 203-205 at d's sizes; with da packed chunk by chunk, 174-185
 # against 199-204 (README, "Tried and left out").
@@ -398,12 +398,42 @@ def threads_on_openmp():
 # on a CPU not measured the BLAS takes them.
 PACKED_LARGE_PRODUCTS_CPUS = frozenset({"znver4"})
 
+# OpenBLAS's kernels with 512-bit vectors, by the names openblas_get_corename gives them (lower case).
+# Where OpenBLAS runs another (OPENBLAS_CORETYPE=Haswell, or a build without these) on a CPU that
+# has 512-bit vectors, its products run at half the CPU's rate, and matmul_packed takes the
+# products over all steps: on Emerald Rapids with the Haswell kernel, training steps of c 1.04-1.25x
+# and of d 1.20-1.23x faster so (alternating processes).
+OPENBLAS_512_BIT_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
+_CORENAME_FUNCTIONS = ("openblas_get_corename", "scipy_openblas_get_corename64_",
+                       "scipy_openblas_get_corename", "openblas_get_corename64_")  # NumPy's wheels rename
+
+
+def openblas_kernels():
+    """The kernel each loaded OpenBLAS runs ("Haswell", "SkylakeX", ...; None where it does not say)."""
+    import ctypes
+
+    from nanolstm import loaded_openblas
+
+    kernels = []
+    for lib in loaded_openblas():
+        corename = next((getattr(lib, name) for name in _CORENAME_FUNCTIONS if hasattr(lib, name)), None)
+        if corename is not None:
+            corename.restype = ctypes.c_char_p
+        kernels.append(corename().decode() if corename is not None else None)
+    return kernels
+
 
 def large_products_packed():
-    """Whether this CPU takes the products over all steps (functional.product) by matmul_packed."""
+    """Whether functional.product takes the products over all steps by matmul_packed: on the CPUs
+    where that was measured faster than the BLAS, and where OpenBLAS runs a kernel narrower than the
+    CPU's 512-bit vectors."""
     from llvmlite import binding
 
-    return binding.get_host_cpu_name() in PACKED_LARGE_PRODUCTS_CPUS
+    if binding.get_host_cpu_name() in PACKED_LARGE_PRODUCTS_CPUS:
+        return True
+    kernels = openblas_kernels()
+    return (bool(binding.get_host_cpu_features().get("avx512f")) and bool(kernels)
+            and all(k is not None and k.lower() not in OPENBLAS_512_BIT_KERNELS for k in kernels))
 
 
 _NR = 32  # columns of the output per panel
