@@ -50,3 +50,22 @@ def test_the_breakdown_times_every_part_and_every_phase(model, capsys):
     assert "forward: the time loop, 5 products and cells" in timed and "5 forward cells, one thread" in timed
     assert all(np.isfinite(ms) for ms in timed.values()) and timed["whole step"] > 0, timed  # tiny parts print 0.00
     assert "Adam step" in timed and "whole step" in timed and "folded in: V rows multiplied (Lookup)" in timed
+
+
+def test_the_products_benchmark_measures_both_ways_in_turns(capsys):
+    """bench/products.py: a process each way at configuration a, the products by the packed kernel
+    and by the BLAS, and the best of each; an unknown configuration is refused before any process."""
+    pytest.importorskip("numba")
+    from nanolstm import functional
+
+    if not functional.use_numba(True) or not functional._compiled["packed_loops"]:
+        pytest.skip("no packed loops here (numba's threads not OpenMP's, or OpenBLAS's threads not asleep)")
+    script = runpy.run_path(str(ROOT / "bench" / "products.py"))
+    with pytest.raises(SystemExit) as refused:
+        script["main"](["--configs", "a,e"])
+    assert refused.value.code == 2 and "unknown configuration 'e'" in capsys.readouterr().err
+    script["main"](["--configs", "a", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines[:2]] == ["packed", "BLAS"], lines
+    assert all(float(line.split()[3].replace(",", "")) > 0 for line in lines[:2])
+    assert lines[2].startswith("lstm a  best: packed ") and "by default here: " in lines[2], lines

@@ -365,10 +365,10 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # Blocking the chunks otherwise did not close that gap there: the panels in groups of 16 (1 MB,
 # kept in the core's 2 MB cache while all rows pass) or k in halves, each 5-25% slower than plain
 # chunks; x copied into blocks of 8 rows laid out k by k, 3-8% faster on one thread and slower on
-# two. The weight gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are 8 neighbours in
-# a row of da, the rows 8 KB apart), with chunks of k inside chunks of output rows, the kernel's best
-# was 198-202 GFLOP/s against OpenBLAS's 203-205 at d's sizes; with da packed chunk by chunk, 174-185
-# against 199-204 (README, "Tried and left out").
+# two. The weight gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are
+# 8 neighbours in a row of da, the rows 8 KB apart), with chunks of k inside chunks of output rows,
+# the kernel's best was 198-202 GFLOP/s against OpenBLAS's 203-205 at d's sizes; with da packed
+# chunk by chunk, 174-185 against 199-204 (README, "Tried and left out").
 
 
 def threads_on_openmp():
