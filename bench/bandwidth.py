@@ -1,5 +1,5 @@
 """How fast a core reads arrays of 1 to 64 MB that it reads over and over: the bandwidth of the
-caches a step of one-stream generation streams its weights from (2x512 LSTM: 12.6 MB a character).
+caches a step of one-stream generation streams its weights from (2x512 LSTM: 12.8 MB a character).
 
     python bench/bandwidth.py
 

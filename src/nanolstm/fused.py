@@ -401,7 +401,7 @@ PACKED_LARGE_PRODUCTS_CPUS = frozenset({"znver4"})
 # OpenBLAS's kernels with 512-bit vectors, by the names openblas_get_corename gives them (lower case).
 # Where OpenBLAS runs another (OPENBLAS_CORETYPE=Haswell, or a build without these) on a CPU that
 # has 512-bit vectors, its products run at half the CPU's rate, and matmul_packed takes the
-# products over all steps: on Emerald Rapids with the Haswell kernel, training steps of c 1.04-1.25x
+# products over all steps: on Emerald Rapids with the Haswell kernel, training steps of c 1.01-1.25x
 # and of d 1.20-1.23x faster so (alternating processes).
 OPENBLAS_512_BIT_KERNELS = frozenset({"skylakex", "cooperlake", "sapphirerapids"})
 _CORENAME_FUNCTIONS = ("openblas_get_corename", "scipy_openblas_get_corename64_",
