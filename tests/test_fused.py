@@ -354,6 +354,19 @@ def test_pack_lays_out_panels_of_32_columns():
     np.testing.assert_array_equal(fused.pack(np.ascontiguousarray(w.T).T), panels)  # from a view
 
 
+@pytest.mark.parametrize("shape, dtype", [((2, 3, 32), np.float32), ((64, 512, 32), np.float32),
+                                          ((5, 7), np.float64), ((0, 32), np.float32), ((3,), np.int64)])
+def test_aligned_zeros_start_at_a_cache_line(shape, dtype):
+    """Whatever malloc returns beneath them: several arrays in a row, each at a 64-byte boundary (an
+    empty one has no first byte to place)."""
+    for _ in range(8):
+        a = fused.aligned_zeros(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous and a.flags.writeable
+        assert not a.any() and (a.ctypes.data % 64 == 0 or a.size == 0)
+    odd = np.float32  # weights of every width: the panels start at a cache line all the same
+    assert all(fused.pack(np.ones((n, k), odd)).ctypes.data % 64 == 0 for n, k in [(1, 1), (40, 3), (2048, 512)])
+
+
 @pytest.fixture
 def packed_loops(monkeypatch, restore_cells):
     """The loop products, and the products over all steps, on packed weights whatever the BLAS's
