@@ -585,7 +585,9 @@ def matmul_packed(x, panels, out):
 # reads all of W_hh at every step (from the shared cache: 4 MB at H=512), where the product shared
 # out panel by panel reads half; in exchange the cells run on both cores, and no step waits for the
 # slower thread or for a thread to wake. At configuration a (H=128, N=32) the forward and backward
-# loops take 3.6 ms instead of 5.6 step by step; at c (H=512, N=64) 133 instead of 148.
+# loops take 3.6 ms instead of 5.6 step by step; at c (H=512, N=64) 133 instead of 148. Split by
+# units instead (each thread the panels and cells of its units, all rows, meeting at a spin barrier
+# after every step), the loops came out slower on the Xeon (README, "Tried on the Xeon").
 #
 # Same signatures as the reference loops in functional.py, with W_hh packed first. The LSTM's bias
 # is where each step's sums of h W_hh^T start (_matmul_rows), not a pass of its own over them.
