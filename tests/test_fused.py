@@ -567,7 +567,8 @@ _MULTIPLY = "import numpy; numpy.ones((512, 512), numpy.float32) @ numpy.ones((5
 def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, expected):
     """What the environment says; whether the loops take the packed products; and, after a product
     on OpenBLAS's threads, whether they sleep: the CPU time the process takes while it sleeps for
-    50 ms (a spinning thread takes all of it). With NumPy loaded first, the threads were already
+    50 ms (a spinning thread takes all of it, less what the host gives to other guests: 19-52 ms seen
+    on the Xeon; a sleeping one 0.1-0.3 ms). With NumPy loaded first, the threads were already
     running when nanolstm set the variable."""
     import json
     import os
@@ -588,7 +589,7 @@ def test_packed_loop_products_only_where_openblas_threads_sleep(preamble, env, e
     assert (timeout, sleeps) == (expected[0], expected[1] and "openblas" in blas.lower() and fused.threads_on_openmp())
     assert product_right
     if layers == ["pthreads"]:  # NumPy's OpenBLAS, on its own threads
-        assert (busy < 0.025) == (timeout == "1"), busy
+        assert (busy < 0.005) == (timeout == "1"), busy
 
 
 def test_import_beside_a_thread_in_the_blas_leaves_openblas_threads_alone():
