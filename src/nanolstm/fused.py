@@ -351,7 +351,7 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # latency of each addition.
 #
 # The panels start at a cache line (aligned_zeros), so that a panel row is two whole lines. Where
-# NumPy put them, 16 or 48 bytes past one, each of the two 512-bit loads of a k straddled two lines:
+# NumPy put them, 16 to 48 bytes past one, each of the two 512-bit loads of a k straddled two lines:
 # on the Xeon (Emerald Rapids) the kernel alone ran 6-10% slower at the time loops' sizes
 # (32 x 512 x 2048, 32 x 2048 x 512 and 16 x 256 x 1024 on one thread, medians of 9 in turns), the
 # LSTM's time loops of a, b and c 13-14% (medians of 6 alternating processes; the GRU's at c 6-13%),
@@ -454,8 +454,8 @@ _LINE = 64  # bytes in a cache line
 
 def aligned_zeros(shape, dtype):
     """np.zeros(shape, dtype), its first byte at the start of a cache line. NumPy's arrays start where
-    malloc puts them, 16 bytes apart; a panel row of 32 float32 is then two 512-bit loads that each
-    straddle two cache lines."""
+    malloc puts them, on any 16-byte boundary; a panel row of 32 float32 there is two 512-bit loads
+    that each straddle two cache lines."""
     dtype = np.dtype(dtype)
     size = math.prod(shape) * dtype.itemsize
     buffer = np.zeros(size + _LINE, np.uint8)
