@@ -352,7 +352,7 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 #
 # The panels start at a cache line (aligned_zeros), so that a panel row is two whole lines. Where
 # NumPy put them, 16 to 48 bytes past one, each of the two 512-bit loads of a k straddled two lines:
-# on the Xeon (Emerald Rapids) the kernel alone ran 6-10% slower at the time loops' sizes
+# on the Xeon (Emerald Rapids) the kernel alone ran 4-11% slower at the time loops' sizes
 # (32 x 512 x 2048, 32 x 2048 x 512 and 16 x 256 x 1024 on one thread, medians of 9 in turns), the
 # LSTM's time loops of a, b and c 13-14% (medians of 6 alternating processes; the GRU's at c 6-13%),
 # and training steps of LSTM c 9.5% (b even, within its noise). Aligning the loops' other arrays
