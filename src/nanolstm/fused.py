@@ -355,8 +355,9 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # on the Xeon (Emerald Rapids) the kernel alone ran 4-11% slower at the time loops' sizes
 # (32 x 512 x 2048, 32 x 2048 x 512 and 16 x 256 x 1024 on one thread, medians of 9 in turns), the
 # LSTM's time loops of a, b and c 13-14% (medians of 6 alternating processes; the GRU's at c 6-13%),
-# and training steps of LSTM c 9% (median of 6 pairs; b even, within its noise). Aligning the loops' other arrays
-# (the steps' pre-activations and states, read by the cells) gained nothing beyond the noise.
+# and training steps of LSTM c 9% (median of 6 pairs; b even, within its noise). Aligning the
+# loops' other arrays (the steps' pre-activations and states, read by the cells) gained nothing
+# beyond the noise.
 #
 # On the 2-core EPYC of the README (AVX-512), 512 x 2048 weights: 0.62 ms for 64 rows (216 GFLOP/s,
 # OpenBLAS 0.93 ms), 0.31 ms for 32 (OpenBLAS 0.45-0.59), 33 us for one row (OpenBLAS's
