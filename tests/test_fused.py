@@ -9,6 +9,7 @@ import pytest
 import nanolstm as nl
 from nanolstm import functional as F
 from nanolstm.gradcheck import rel_error
+from nanolstm.sample import next_tokens
 
 pytest.importorskip("numba", reason="the compiled cells need numba (pip install numba)")
 from nanolstm import fused  # noqa: E402  (importable only with numba)
@@ -289,6 +290,59 @@ def test_cross_entropy_takes_the_compiled_kernels(restore_cells):
     assert rel_error(results[0][0], results[1][0]) < 1e-6
     assert rel_error(results[0][1], results[1][1]) < 1e-6
     assert not results[0][1][3].any()  # the ignored position
+
+
+# ---------------------------------------------------------------------------------------------
+# Drawing tokens: fused.draw_tokens, which sample.next_tokens takes when neither top-k nor top-p is set.
+
+
+def numpy_tokens(logits, seed, **kwargs):
+    """next_tokens by its NumPy path alone."""
+    saved = F._compiled.pop("draw", None)
+    try:
+        return next_tokens(logits, np.random.default_rng(seed), **kwargs)
+    finally:
+        if saved is not None:
+            F._compiled["draw"] = saved
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("V", [1, 2, 5, 84, 300])
+def test_compiled_draws_are_numpys(V, dtype):
+    """The same tokens from the same draws of the generator: the sums differ from NumPy's by rounding,
+    which moves a token only where a draw falls within that rounding of a boundary (not once in the
+    thousands of draws here). Rows of ordinary, huge and equal logits, -inf, NaN, a row all -inf."""
+    rng = np.random.default_rng(V)
+    logits = (rng.standard_normal((400, V)) * rng.uniform(0.1, 8, (400, 1))).astype(dtype)
+    logits[0] = 1e30 * rng.choice([-1.0, 1.0], V)
+    logits[1] = 2.5
+    logits[2, : V // 2] = -np.inf
+    logits[3] = -np.inf
+    logits[4, V // 2] = np.nan
+    assert "draw" in F._compiled
+    for seed, temperature in enumerate((1e-4, 0.3, 1.0, 2.5, 1e3)):
+        with np.errstate(invalid="ignore"):
+            expected = numpy_tokens(logits, seed, temperature=temperature)
+            got = next_tokens(logits, np.random.default_rng(seed), temperature=temperature)
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+        assert got[3] == got[4] == 0
+    strided = logits[::3, ::2]
+    with np.errstate(invalid="ignore"):
+        np.testing.assert_array_equal(next_tokens(strided, np.random.default_rng(9)), numpy_tokens(strided, 9))
+
+
+def test_top_k_top_p_and_argmax_keep_the_numpy_path(monkeypatch):
+    logits = np.random.default_rng(0).standard_normal((50, 20))
+
+    def refuse(*args):
+        raise AssertionError("fused.draw_tokens called")
+
+    monkeypatch.setitem(F._compiled, "draw", refuse)
+    for kwargs in ({"top_k": 5}, {"top_p": 0.9}, {"argmax": True}):
+        next_tokens(logits, np.random.default_rng(0), **kwargs)
+    with pytest.raises(AssertionError):  # and the plain draw would have taken it
+        next_tokens(logits, np.random.default_rng(0), top_k=20, top_p=1.0)
 
 
 # ---------------------------------------------------------------------------------------------

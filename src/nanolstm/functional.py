@@ -651,7 +651,8 @@ _reference_loops = {
     "lstm": (lstm_loop_forward, lstm_loop_backward),
     "gru": (gru_loop_forward, gru_loop_backward),
 }
-# other compiled kernels in use: fused.add_rows, .loss, .adam_update, .pack, .matmul_packed, .loops;
+# other compiled kernels in use: fused.add_rows, .loss, .adam_update, .pack, .matmul_packed, .loops,
+# .draw_tokens;
 # and whether the time loops' products (packed_loops) and the products over all steps
 # (packed_products) are fused.matmul_packed's
 _compiled = {}
@@ -696,6 +697,7 @@ def use_numba(enable=True):
             _cells.update(fused.cells)
             _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
                              loops=fused.loops, loss=fused.loss, adam=fused.adam_update,
+                             draw=fused.draw_tokens,
                              packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
             _compiled["packed_products"] = _compiled["packed_loops"] and fused.large_products_packed()
     if not enable:

@@ -333,6 +333,36 @@ loss = (log_sum_exp, softmax_minus_onehot)
 
 
 # ---------------------------------------------------------------------------------------------
+# Drawing the next token of each stream from its logits, at a temperature (sample.next_tokens without
+# top-k or top-p). NumPy takes a dozen passes over the (N, V) logits for it, each a call with its own
+# overhead: 34 us a step for one stream of the 2x512 LSTM, whose step takes about 400; this takes
+# one pass over each row.
+
+
+@_jit
+def draw_tokens(logits, temperature, u, out):
+    """out[n] = the token drawn for row n of logits (N, V) at `temperature`, by u[n] in [0, 1): the
+    first token whose cumulative probability exceeds u[n], as sample.next_tokens draws it (in
+    float64, its sums unnormalised: they differ from NumPy's by rounding). A row with a NaN or +inf,
+    or all -inf, has NaN sums and draws token 0, as there."""
+    N, V = logits.shape
+    cdf = np.empty(V)
+    for n in range(N):
+        top = -np.inf  # a NaN is passed over here, and makes the sums below NaN
+        for v in range(V):
+            top = max(top, np.float64(logits[n, v]))
+        total = 0.0
+        for v in range(V):
+            total += math.exp((np.float64(logits[n, v]) - top) / temperature)
+            cdf[v] = total
+        target = u[n] * total
+        k = 0
+        while k < V - 1 and cdf[k] <= target:  # NaN compares false: token 0
+            k += 1
+        out[n] = k
+
+
+# ---------------------------------------------------------------------------------------------
 # Adam's update of one parameter, as optim.Adam.update writes it in NumPy, operation for operation.
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from nanolstm.errors import NanolstmError
+from nanolstm import functional
 from nanolstm.functional import softmax
 
 
@@ -29,6 +30,16 @@ def next_tokens(logits, rng, temperature=1.0, top_k=None, top_p=None, argmax=Fal
     the top_k most likely are dropped, then all but the smallest set whose probability reaches top_p,
     and one token is drawn from what is left.
     """
+    draw = functional._compiled.get("draw")
+    plain = not argmax and (top_k is None or top_k >= np.shape(logits)[-1]) and (top_p is None or top_p >= 1)
+    if draw is not None and plain and np.ndim(logits) == 2:
+        # the common case, compiled (fused.draw_tokens): one pass over each row, the same draws
+        logits = np.asarray(logits)
+        if logits.dtype not in (np.float32, np.float64):
+            logits = logits.astype(np.float64)
+        tokens = np.empty(logits.shape[0], np.int64)
+        draw(logits, float(temperature), rng.random(logits.shape[0]), tokens)
+        return tokens
     logits = np.asarray(logits, np.float64)
     if argmax:
         return logits.argmax(axis=-1)
