@@ -615,20 +615,22 @@ def rnn_backward(dout, dh_T, cache, work=None):
 # (for the first layer of a language model, a row of a table precomputed for every token).
 
 
-def lstm_step(a, h, c, times_w_hh_t):
+def lstm_step(a, h, c, times_w_hh_t, h_new=None, c_new=None):
     """a (N, 4H), consumed; h, c (N, H); times_w_hh_t = loop_product(W_hh, N) -> h, c of the next
-    step (new arrays)."""
-    h_new, c_new, tanh_c = np.empty_like(h), np.empty_like(c), np.empty_like(c)
-    _cell("lstm", a.dtype)[0](a, times_w_hh_t(h), c, c_new, h_new, tanh_c)
+    step, written into h_new, c_new (N, H) where given (not h, c), else new arrays."""
+    h_new = np.empty_like(h) if h_new is None else h_new
+    c_new = np.empty_like(c) if c_new is None else c_new
+    _cell("lstm", a.dtype)[0](a, times_w_hh_t(h), c, c_new, h_new, np.empty_like(c))
     return h_new, c_new
 
 
-def gru_step(a, h, times_w_hh_t, b_hh):
+def gru_step(a, h, times_w_hh_t, b_hh, h_new=None):
     """a (N, 3H) with b_ih and the r, z part of b_hh added, consumed; h (N, H);
-    times_w_hh_t = loop_product(W_hh, N) -> next h."""
+    times_w_hh_t = loop_product(W_hh, N) -> next h, written into h_new (N, H) where given (not h),
+    else a new array."""
     H = h.shape[1]
-    h_new, hn = np.empty_like(h), np.empty_like(h)
-    _cell("gru", a.dtype)[0](a, times_w_hh_t(h), b_hh[2 * H :], h, h_new, hn)
+    h_new = np.empty_like(h) if h_new is None else h_new
+    _cell("gru", a.dtype)[0](a, times_w_hh_t(h), b_hh[2 * H :], h, h_new, np.empty_like(h))
     return h_new
 
 

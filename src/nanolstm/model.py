@@ -154,9 +154,9 @@ class LanguageModel(Module):
                 a = times_w_ih_t(x)
                 a += bias
             if kind == "lstm":
-                new_h[layer], new_c[layer] = F.lstm_step(a, hs[layer], cs[layer], times_w_hh_t)
+                F.lstm_step(a, hs[layer], cs[layer], times_w_hh_t, new_h[layer], new_c[layer])
             elif kind == "gru":
-                new_h[layer] = F.gru_step(a, hs[layer], times_w_hh_t, b_hh)
+                F.gru_step(a, hs[layer], times_w_hh_t, b_hh, new_h[layer])
             else:
                 new_h[layer] = F.rnn_step(a, hs[layer], times_w_hh_t, self.rnn.nonlinearity)
             x = new_h[layer]
