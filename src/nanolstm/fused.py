@@ -2,8 +2,8 @@
 semantics of the NumPy function it replaces:
 
 - the four recurrent cells, all the gates of a unit in one pass and no temporaries;
-- the embedding gradient's row sums (add_rows), the cross-entropy's two row kernels (loss) and
-  Adam's update (adam_update);
+- the embedding gradient's row sums (add_rows), the cross-entropy's two row kernels (loss),
+  Adam's update (adam_update), and the sampler's draw of the next tokens (draw_tokens);
 - the product by weights packed once (matmul_packed): of a time loop's steps, and of all steps at
   once; and the LSTM's and GRU's whole time loops on it, the batch's rows shared between the
   threads (loops).
@@ -336,7 +336,7 @@ loss = (log_sum_exp, softmax_minus_onehot)
 # Drawing the next token of each stream from its logits, at a temperature (sample.next_tokens without
 # top-k or top-p). NumPy takes a dozen passes over the (N, V) logits for it, each a call with its own
 # overhead: 34 us a step for one stream of the 2x512 LSTM, whose step takes about 400; this takes
-# one pass over each row.
+# one pass over each row, 3.5 us (and 31 against 79 for 32 streams).
 
 
 @_jit
