@@ -311,7 +311,8 @@ def numpy_tokens(logits, seed, **kwargs):
 def test_compiled_draws_are_numpys(V, dtype):
     """The same tokens from the same draws of the generator: the sums differ from NumPy's by rounding,
     which moves a token only where a draw falls within that rounding of a boundary (not once in the
-    thousands of draws here). Rows of ordinary, huge and equal logits, -inf, NaN, a row all -inf."""
+    thousands of draws here). Rows of ordinary, huge and equal logits, -inf, NaN, +inf, a row all
+    -inf."""
     rng = np.random.default_rng(V)
     logits = (rng.standard_normal((400, V)) * rng.uniform(0.1, 8, (400, 1))).astype(dtype)
     logits[0] = 1e30 * rng.choice([-1.0, 1.0], V)
@@ -319,6 +320,7 @@ def test_compiled_draws_are_numpys(V, dtype):
     logits[2, : V // 2] = -np.inf
     logits[3] = -np.inf
     logits[4, V // 2] = np.nan
+    logits[5, -1] = np.inf
     assert "draw" in F._compiled
     for seed, temperature in enumerate((1e-4, 0.3, 1.0, 2.5, 1e3)):
         with np.errstate(invalid="ignore"):
@@ -326,7 +328,7 @@ def test_compiled_draws_are_numpys(V, dtype):
             got = next_tokens(logits, np.random.default_rng(seed), temperature=temperature)
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
-        assert got[3] == got[4] == 0
+        assert got[3] == got[4] == got[5] == 0
     strided = logits[::3, ::2]
     with np.errstate(invalid="ignore"):
         np.testing.assert_array_equal(next_tokens(strided, np.random.default_rng(9)), numpy_tokens(strided, 9))

@@ -7,8 +7,8 @@ import math
 
 import numpy as np
 
-from nanolstm.errors import NanolstmError
 from nanolstm import functional
+from nanolstm.errors import NanolstmError
 from nanolstm.functional import softmax
 
 
