@@ -348,7 +348,7 @@ def draw_tokens(logits, temperature, u, out):
     N, V = logits.shape
     cdf = np.empty(V)
     for n in range(N):
-        top = -np.inf  # a NaN is passed over here, and makes the sums below NaN
+        top = -np.inf  # a NaN here, kept or passed over, makes the sums below NaN all the same
         for v in range(V):
             top = max(top, np.float64(logits[n, v]))
         total = 0.0
