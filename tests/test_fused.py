@@ -693,3 +693,74 @@ def test_packed_loop_product_leaves_other_input_dtypes_to_numpy(packed_loops):
     out = np.empty((9, 40))
     F.loop_product(w, 9)(x, out)
     assert rel_error(out, x @ w.T.astype(np.float64)) < 1e-14
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation's compiled sampling loops (fused.lstm_sample, fused.gru_sample, model.compiled_sampler).
+
+
+def sample_model(kind, layers, dtype=np.float32):
+    from nanolstm.data import Vocab
+    from nanolstm.model import LanguageModel, ModelConfig
+
+    vocab = Vocab("char", ["\n"] + [chr(c) for c in range(ord("a"), ord("a") + 26)])
+    model = LanguageModel(ModelConfig(len(vocab), model=kind, num_layers=layers, hidden_size=37, embedding_size=5),
+                          vocab, seed=layers, dtype=dtype)
+    for p in model.state_dict().values():
+        p *= 4  # weights large enough for the draws to depend on every part of the step
+    return model
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_compiled_sampling_draws_the_python_loops_tokens(kind, layers, packed_loops, monkeypatch):
+    """model.generate through the compiled loop and through model.step and next_tokens in Python (the
+    same kernels, one call each): the same tokens, for one and 5 streams (an 8-row block's partial
+    rows), no prime, a prime warmed step by step and one longer than WARM_BY_STEPS (forward), at
+    two temperatures; and streamed to on_text piece by piece, the same again."""
+    from nanolstm.model import WARM_BY_STEPS
+
+    model = sample_model(kind, layers)
+    long_prime = "abcdefgh" * (WARM_BY_STEPS // 8 + 1)
+    runs = [dict(prime=prime, num_samples=N, temperature=temperature, seed=seed)
+            for prime, N, temperature, seed in [("", 1, 1.0, 0), ("ab", 5, 0.7, 1), (long_prime, 1, 1.0, 2),
+                                                (long_prime, 5, 1.3, 3)]]
+    assert model.compiled_sampler(None, model.rnn._state_parts(None, 1, "state")) is not None
+    compiled = [model.generate(length=40, **run) for run in runs]
+    streamed = []
+    for run in runs:
+        pieces = []
+        assert model.generate(length=40, on_text=pieces.append, **run)[0] == "".join(pieces)
+        streamed.append(pieces)
+    monkeypatch.delitem(F._compiled, "sample")
+    assert model.compiled_sampler(None, model.rnn._state_parts(None, 1, "state")) is None
+    python = [model.generate(length=40, **run) for run in runs]
+    assert compiled == python
+    assert ["".join(pieces) for pieces in streamed] == [texts[0] for texts in python]
+    assert len({texts[0] for texts in python}) == len(runs)  # the runs differ: each one tests something
+
+
+def test_compiled_sampling_only_for_a_plain_draw_of_float32_lstm_and_gru(packed_loops):
+    """top-k, top-p and argmax, float64, the plain RNN, and the BLAS's loop products keep the Python
+    loop; a top-k of the whole vocabulary or a top-p of 1 is the plain draw."""
+    state = np.zeros((1, 1, 37), np.float32)
+    lstm = sample_model("lstm", 1)
+    lstm_state = (state, state)
+    assert lstm.compiled_sampler(None, lstm_state, top_k=len(lstm.vocab), top_p=1.0) is not None
+    for kwargs in ({"top_k": 5}, {"top_p": 0.9}, {"argmax": True}):
+        assert lstm.compiled_sampler(None, lstm_state, **kwargs) is None
+    assert sample_model("lstm", 1, np.float64).compiled_sampler(None, lstm_state) is None
+    assert sample_model("rnn", 1).compiled_sampler(None, state) is None
+    assert sample_model("gru", 1).compiled_sampler(None, state) is not None
+    packed_loops(False)
+    assert lstm.compiled_sampler(None, lstm_state) is None
+
+
+def test_pack_stack_stacks_the_panels_of_each_weight():
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((40, 6)).astype(np.float32) for _ in range(3)]
+    stacked = fused.pack_stack(ws)
+    assert stacked.shape == (3, 2, 6, 32) and stacked.ctypes.data % 64 == 0
+    for w, panels in zip(ws, stacked):
+        np.testing.assert_array_equal(panels, fused.pack(w))
+    assert fused.pack_stack([]).shape[0] == 0

@@ -7,7 +7,7 @@ from nanolstm import functional as F
 from nanolstm.data import Vocab
 from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
 from nanolstm.gradcheck import check_gradients
-from nanolstm.model import LanguageModel, ModelConfig
+from nanolstm.model import WARM_BY_STEPS, LanguageModel, ModelConfig
 
 VOCAB = Vocab.build_chars("abcdefghij klmnop\n")
 
@@ -132,3 +132,7 @@ def test_generation_warms_the_state_on_a_line_break_before_the_prime():
     assert model.generate(prime="ko", length=12, argmax=True)[0] == warmed
     # no prime: the line break alone
     assert model.generate(length=12, argmax=True)[0] == greedy(model, [VOCAB.index["\n"]], 12)
+    # a prime longer than WARM_BY_STEPS is warmed by one forward pass, not step by step: the same
+    long_prime = "ko" * (WARM_BY_STEPS // 2 + 1)
+    warmed = greedy(model, np.concatenate([[VOCAB.index["\n"]], model.vocab.encode(long_prime)]), 12)
+    assert model.generate(prime=long_prime, length=12, argmax=True)[0] == warmed

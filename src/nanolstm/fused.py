@@ -6,7 +6,9 @@ semantics of the NumPy function it replaces:
   Adam's update (adam_update), and the sampler's draw of the next tokens (draw_tokens);
 - the product by weights packed once (matmul_packed): of a time loop's steps, and of all steps at
   once; and the LSTM's and GRU's whole time loops on it, the batch's rows shared between the
-  threads (loops).
+  threads (loops);
+- generation's sampling loops, steps and draws in one call for model.generate (lstm_sample,
+  gru_sample).
 
 The NumPy functions in functional.py and optim.py are the reference: tests/test_fused.py checks
 these against them, every output and every array overwritten in place, and whole layers with
@@ -512,11 +514,12 @@ def aligned_zeros(shape, dtype):
     return buffer[start : start + size].view(dtype).reshape(shape)
 
 
-def pack(w):
-    """w (N, K) float32 -> panels (ceil(N / 32), K, 32) for matmul_packed, cache-line aligned."""
+def pack(w, panels=None):
+    """w (N, K) float32 -> panels (ceil(N / 32), K, 32) for matmul_packed, cache-line aligned; into
+    panels, zeros of that shape, if given."""
     N, K = w.shape
     whole, rest = divmod(N, _NR)
-    panels = aligned_zeros((whole + (rest > 0), K, _NR), w.dtype)
+    panels = aligned_zeros((whole + (rest > 0), K, _NR), w.dtype) if panels is None else panels
     w_t = w.T  # (K, N): panel p is columns 32p to 32p + 31 of it
     panels[:whole] = w_t[:, : whole * _NR].reshape(K, whole, _NR).transpose(1, 0, 2)
     if rest:
@@ -756,3 +759,89 @@ loops = {
     "lstm": (lstm_loop_forward, lstm_loop_backward),
     "gru": (gru_loop_forward, gru_loop_backward),
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling loops: model.generate's steps and draws in one compiled call. A step of one stream is
+# bound by reading the weights (12.8 MB at 2x512, ~330 us); around its four products, model.step
+# and next_tokens in Python (a dozen calls, each dispatched, and each product a parallel region
+# started from Python) took another 60-90 us. Here each step calls the same kernels, in the same
+# order, on the same numbers as model.step and sample.next_tokens do: the products matmul_packed's,
+# the cells above, the draw draw_tokens, the biases added in float32 as NumPy adds them. So the
+# same tokens come out, to the bit. These are not parallel=True functions: numba would make each
+# array expression in them a parallel region of its own; the parallelism is matmul_packed's.
+#
+# The weights come packed and stacked by layer (pack_stack): w_ih (L - 1, ...) and bias (L - 1, G)
+# for the layers above the first, whose input side is a row of table, the V x G*H input table.
+
+
+def pack_stack(ws):
+    """pack() of each of the equally shaped ws, stacked: (len(ws), panels, K, 32)."""
+    N, K = ws[0].shape if ws else (0, 0)
+    stacked = aligned_zeros((len(ws), -(-N // _NR), K, _NR), np.float32)
+    for w, panels in zip(ws, stacked):
+        pack(w, panels)
+    return stacked
+
+
+@njit(cache=True, error_model="numpy")
+def _step_input(layer, tokens, table, x, w_ih, bias, a):
+    """a (N, G) = the input side of a layer's pre-activations at a step, as model.step makes it: the
+    rows of table for the tokens in the first layer; x (N, H) W_ih^T + bias above it."""
+    N, G = a.shape
+    if layer == 0:
+        for n in range(N):
+            a[n] = table[tokens[n]]
+    else:
+        matmul_packed(x, w_ih[layer - 1], a)
+        for n in range(N):
+            for j in range(G):
+                a[n, j] += bias[layer - 1, j]
+
+
+@njit(cache=True, error_model="numpy")
+def _decode(h, dec, b_dec, logits):
+    """logits (N, V) = h (N, H) W_dec^T + b_dec."""
+    matmul_packed(h, dec, logits)
+    for n in range(logits.shape[0]):
+        for v in range(logits.shape[1]):
+            logits[n, v] += b_dec[v]
+
+
+@njit(cache=True, error_model="numpy")
+def lstm_sample(table, w_ih, bias, w_hh, dec, b_dec, h, c, logits, tokens, given, temperature, u):
+    """For each row t of tokens (T, N): unless t < given, draw it from logits (N, V) by u[t - given]
+    at temperature; then step the LSTM on it from the state h, c (L, N, H), which it updates in
+    place, and put the next logits in logits."""
+    _wide_vectors()
+    L, N, H = h.shape
+    a, hw = np.empty((N, 4 * H), h.dtype), np.empty((N, 4 * H), h.dtype)
+    c_new, tanh_c = np.empty((N, H), h.dtype), np.empty((N, H), h.dtype)
+    for t in range(tokens.shape[0]):
+        if t >= given:
+            draw_tokens(logits, temperature, u[t - given], tokens[t])
+        for layer in range(L):
+            _step_input(layer, tokens[t], table, h[layer - 1], w_ih, bias, a)
+            matmul_packed(h[layer], w_hh[layer], hw)
+            # c_new, not c itself: the cell's loop is vectorised only on arrays that do not overlap
+            lstm_cell_forward(a, hw, c[layer], c_new, h[layer], tanh_c)
+            c[layer] = c_new
+        _decode(h[L - 1], dec, b_dec, logits)
+
+
+@njit(cache=True, error_model="numpy")
+def gru_sample(table, w_ih, bias, w_hh, b_hn, dec, b_dec, h, logits, tokens, given, temperature, u):
+    """As lstm_sample, for the GRU: b_hn (L, H), each layer's part of b_hh inside r * (...)."""
+    _wide_vectors()
+    L, N, H = h.shape
+    a, hw = np.empty((N, 3 * H), h.dtype), np.empty((N, 3 * H), h.dtype)
+    h_new, hn = np.empty((N, H), h.dtype), np.empty((N, H), h.dtype)
+    for t in range(tokens.shape[0]):
+        if t >= given:
+            draw_tokens(logits, temperature, u[t - given], tokens[t])
+        for layer in range(L):
+            _step_input(layer, tokens[t], table, h[layer - 1], w_ih, bias, a)
+            matmul_packed(h[layer], w_hh[layer], hw)
+            gru_cell_forward(a, hw, b_hn[layer], h[layer], h_new, hn)
+            h[layer] = h_new
+        _decode(h[L - 1], dec, b_dec, logits)

@@ -13,10 +13,11 @@ from nanolstm import functional as F
 from nanolstm.data import Vocab
 from nanolstm.errors import CheckpointError, NanolstmError
 from nanolstm.nn import GRU, LSTM, RNN, Dropout, Embedding, Linear, Module
-from nanolstm.sample import check_sampling, next_tokens
+from nanolstm.sample import check_sampling, next_tokens, plain_draw
 
 RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # G: gate blocks per hidden unit
+WARM_BY_STEPS = 16  # generate warms the state on a prime of up to this many tokens step by step
 
 
 @dataclasses.dataclass
@@ -165,6 +166,49 @@ class LanguageModel(Module):
         logits += b_dec  # (N, V)
         return logits, ((new_h, new_c) if kind == "lstm" else new_h)
 
+    def compiled_sampler(self, logits, state, temperature=1.0, top_k=None, top_p=None, argmax=False):
+        """generate's steps and draws as one compiled loop (fused.lstm_sample, fused.gru_sample), or
+        None where there is none: without numba or its packed products, for the plain RNN, in float64,
+        and for top-k, top-p and argmax, which next_tokens draws with NumPy.
+
+        From logits (N, V) (None if prime has rows) and state, returns run(prime, out, rng, on_token):
+        it steps on each row of prime (P, N) token ids, then draws each row of out (T, N) with rng and
+        steps on it, calling on_token(t) after each draw if given. The tokens are generate's own
+        (the same kernels on the same numbers: see fused.py); the steps between them are not Python.
+        """
+        kind, V = self.config.model, self.config.vocab_size
+        loop = F._compiled.get("sample", {}).get(kind) if F._compiled.get("packed_loops") else None
+        if loop is None or self.dtype != np.float32 or not plain_draw(V, top_k, top_p, argmax):
+            return None
+        fused = F._compiled["fused"]
+        L, H = self.rnn.num_layers, self.config.hidden_size
+        params = [self.rnn.layer_params(layer) for layer in range(L)]
+        bias = np.zeros((L - 1, GATES[kind] * H), self.dtype)  # the input side's, above the first layer
+        for layer in range(1, L):
+            bias[layer - 1] = self._folded_bias(params[layer][2], params[layer][3])
+        weights = [self.input_table(), fused.pack_stack([p[0] for p in params[1:]]), bias,
+                   fused.pack_stack([p[1] for p in params])]
+        if kind == "gru":
+            weights.append(np.array([p[3][2 * H:] for p in params]))  # b_hn, inside r * (...)
+        weights += [fused.pack(self.decoder.params["weight"]), self.decoder.params["bias"]]
+        weights += [np.ascontiguousarray(s) for s in (state if kind == "lstm" else (state,))]
+        N = weights[-1].shape[1]
+        weights.append(np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
+        temperature = float(temperature)
+
+        def run(prime, out, rng, on_token=None):
+            if len(prime):
+                loop(*weights, np.ascontiguousarray(prime, np.int64), len(prime), temperature, np.empty((0, N)))
+            u = rng.random(out.shape)  # the numbers next_tokens would take, N at each step
+            if on_token is None:
+                loop(*weights, out, 0, temperature, u)
+                return
+            for t in range(len(out)):
+                loop(*weights, out[t : t + 1], 0, temperature, u[t : t + 1])
+                on_token(t)
+
+        return run
+
     def generate(self, prime="", length=200, temperature=1.0, top_k=None, top_p=None, argmax=False,
                  seed=None, num_samples=1, unknown="error", on_text=None):
         """Generate num_samples texts of `length` new tokens each, after warming the state on a line
@@ -202,6 +246,18 @@ class LanguageModel(Module):
         def decode(seq):
             return vocab.decode(np.concatenate([context, seq]))[skip:]
 
+        emitted = ""
+
+        def piece(t):
+            """The new text of the first sample once out[t] is drawn, for on_text: a character is its
+            own text; a word's spacing depends on the words before it."""
+            nonlocal emitted
+            if vocab.level == "char":
+                return vocab.tokens[out[t, 0]]
+            text = decode(out[: t + 1, 0])
+            new, emitted = text[len(emitted):], text
+            return new
+
         # The state starts at zero and is warmed on a line break, then on the prime. A model trained
         # with its state carried from batch to batch has met a zero state only in its first steps;
         # from it, a prime that opens mid-line (a name in capitals, say) can derail the sample into
@@ -215,24 +271,28 @@ class LanguageModel(Module):
         was_training = self.training
         self.eval()
         try:
-            x = np.repeat(np.asarray(ids)[:, None], num_samples, axis=1)  # (T, N)
-            logits, state = self.forward(x)  # warm the state on the whole prime at once
-            logits = logits[-1]  # (N, V)
-            weights = self.step_weights(num_samples)
             try:
                 out = np.empty((length, num_samples), np.int64)
             except (ValueError, OverflowError):  # more than any memory could hold (else MemoryError)
                 raise NanolstmError(f"--length {length:,} is too large to generate; ask for fewer tokens") from None
-            emitted = ""
-            for t in range(length):
-                tok = next_tokens(logits, rng, temperature, top_k, top_p, argmax)  # (N,)
-                out[t] = tok
-                if on_text is not None:
-                    # a character is its own text; a word's spacing depends on the words before it
-                    text = vocab.tokens[tok[0]] if vocab.level == "char" else decode(out[: t + 1, 0])
-                    on_text(text if vocab.level == "char" else text[len(emitted):])
-                    emitted = text
-                logits, state = self.step(tok, state, weights)
+            prime = np.repeat(np.asarray(ids)[:, None], num_samples, axis=1)  # (P, N)
+            if len(prime) > WARM_BY_STEPS:  # the whole prime in one pass: products over all its steps
+                logits, state = self.forward(prime)
+                logits, prime = logits[-1], prime[:0]
+            else:  # a few tokens: a step for each, cheaper than forward's setting up
+                logits, state = None, self.rnn._state_out(self.rnn._state_parts(None, num_samples, "state"))
+            sampler = self.compiled_sampler(logits, state, temperature, top_k, top_p, argmax)
+            if sampler is not None:
+                sampler(prime, out, rng, None if on_text is None else lambda t: on_text(piece(t)))
+            else:
+                weights = self.step_weights(num_samples)
+                for tokens in prime:
+                    logits, state = self.step(tokens, state, weights)
+                for t in range(length):
+                    out[t] = next_tokens(logits, rng, temperature, top_k, top_p, argmax)  # (N,)
+                    if on_text is not None:
+                        on_text(piece(t))
+                    logits, state = self.step(out[t], state, weights)
         finally:
             self.train(was_training)
         return [decode(out[:, n]) for n in range(num_samples)]

@@ -23,6 +23,12 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, vocab_size=None):
         raise NanolstmError(f"--top-p must be in (0, 1], got {top_p}")
 
 
+def plain_draw(vocab_size, top_k=None, top_p=None, argmax=False):
+    """Whether these settings draw from the whole distribution at a temperature: no argmax, and no
+    top-k or top-p that removes a token."""
+    return not argmax and (top_k is None or top_k >= vocab_size) and (top_p is None or top_p >= 1)
+
+
 def next_tokens(logits, rng, temperature=1.0, top_k=None, top_p=None, argmax=False):
     """logits (N, V) -> token ids (N,).
 
@@ -34,8 +40,7 @@ def next_tokens(logits, rng, temperature=1.0, top_k=None, top_p=None, argmax=Fal
     but for rounding within 1e-16 of a token's boundary.
     """
     draw = functional._compiled.get("draw")
-    plain = not argmax and (top_k is None or top_k >= np.shape(logits)[-1]) and (top_p is None or top_p >= 1)
-    if draw is not None and plain and np.ndim(logits) == 2:
+    if draw is not None and plain_draw(np.shape(logits)[-1], top_k, top_p, argmax) and np.ndim(logits) == 2:
         # the common case, compiled (fused.draw_tokens): one pass over each row, the same draws
         logits = np.asarray(logits)
         if logits.dtype not in (np.float32, np.float64):
