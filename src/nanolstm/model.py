@@ -180,17 +180,17 @@ class LanguageModel(Module):
         loop = F._compiled.get("sample", {}).get(kind) if F._compiled.get("packed_loops") else None
         if loop is None or self.dtype != np.float32 or not plain_draw(V, top_k, top_p, argmax):
             return None
-        fused = F._compiled["fused"]
+        pack, pack_stack = F._compiled["pack"], F._compiled["pack_stack"]
         L, H = self.rnn.num_layers, self.config.hidden_size
         params = [self.rnn.layer_params(layer) for layer in range(L)]
         bias = np.zeros((L - 1, GATES[kind] * H), self.dtype)  # the input side's, above the first layer
         for layer in range(1, L):
             bias[layer - 1] = self._folded_bias(params[layer][2], params[layer][3])
-        weights = [self.input_table(), fused.pack_stack([p[0] for p in params[1:]]), bias,
-                   fused.pack_stack([p[1] for p in params])]
+        weights = [self.input_table(), pack_stack([p[0] for p in params[1:]]), bias,
+                   pack_stack([p[1] for p in params])]
         if kind == "gru":
             weights.append(np.array([p[3][2 * H:] for p in params]))  # b_hn, inside r * (...)
-        weights += [fused.pack(self.decoder.params["weight"]), self.decoder.params["bias"]]
+        weights += [pack(self.decoder.params["weight"]), self.decoder.params["bias"]]
         weights += [np.ascontiguousarray(s) for s in (state if kind == "lstm" else (state,))]
         N = weights[-1].shape[1]
         weights.append(np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
