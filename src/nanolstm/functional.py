@@ -700,7 +700,7 @@ def use_numba(enable=True):
             _compiled.update(add_rows=fused.add_rows, pack=fused.pack, matmul_packed=fused.matmul_packed,
                              loops=fused.loops, loss=fused.loss, adam=fused.adam_update,
                              draw=fused.draw_tokens, pack_stack=fused.pack_stack,
-                             sample={"lstm": fused.lstm_sample, "gru": fused.gru_sample},
+                             sample=fused.sample,
                              packed_loops=blas_threads_sleep() and fused.threads_on_openmp())
             _compiled["packed_products"] = _compiled["packed_loops"] and fused.large_products_packed()
     if not enable:

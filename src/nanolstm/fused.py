@@ -7,8 +7,7 @@ semantics of the NumPy function it replaces:
 - the product by weights packed once (matmul_packed): of a time loop's steps, and of all steps at
   once; and the LSTM's and GRU's whole time loops on it, the batch's rows shared between the
   threads (loops);
-- generation's sampling loops, steps and draws in one call for model.generate (lstm_sample,
-  gru_sample).
+- generation's sampling loop, steps and draws in one call for model.generate (sample).
 
 The NumPy functions in functional.py and optim.py are the reference: tests/test_fused.py checks
 these against them, every output and every array overwritten in place, and whole layers with
@@ -762,7 +761,7 @@ loops = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampling loops: model.generate's steps and draws in one compiled call. A step of one stream is
+# Sampling: model.generate's steps and draws in one compiled call. A step of one stream is
 # bound by reading the weights (12.8 MB at 2x512, ~330 us); around its four products, model.step
 # and next_tokens in Python (a dozen calls, each dispatched, and each product a parallel region
 # started from Python) took another 60-90 us. Here each step calls the same kernels, in the same
@@ -809,39 +808,28 @@ def _decode(h, dec, b_dec, logits):
 
 
 @njit(cache=True, error_model="numpy")
-def lstm_sample(table, w_ih, bias, w_hh, dec, b_dec, h, c, logits, tokens, given, temperature, u):
+def sample(table, w_ih, bias, w_hh, c, b_hn, dec, b_dec, h, logits, tokens, given, temperature, u):
     """For each row t of tokens (T, N): unless t < given, draw it from logits (N, V) by u[t - given]
-    at temperature; then step the LSTM on it from the state h, c (L, N, H), which it updates in
-    place, and put the next logits in logits."""
+    at temperature; then step the model on it from the state h (L, N, H), and c (L, N, H) for an
+    LSTM, both updated in place, and put the next logits in logits. An LSTM's if c has its layers;
+    a GRU's if c is empty, with b_hn (L, H), each layer's part of b_hh inside r * (...)."""
     _wide_vectors()
     L, N, H = h.shape
-    a, hw = np.empty((N, 4 * H), h.dtype), np.empty((N, 4 * H), h.dtype)
-    c_new, tanh_c = np.empty((N, H), h.dtype), np.empty((N, H), h.dtype)
+    lstm = c.shape[0] > 0
+    a, hw = np.empty((N, table.shape[1]), h.dtype), np.empty((N, table.shape[1]), h.dtype)
+    new, scratch = np.empty((N, H), h.dtype), np.empty((N, H), h.dtype)
     for t in range(tokens.shape[0]):
         if t >= given:
             draw_tokens(logits, temperature, u[t - given], tokens[t])
         for layer in range(L):
             _step_input(layer, tokens[t], table, h[layer - 1], w_ih, bias, a)
             matmul_packed(h[layer], w_hh[layer], hw)
-            # c_new, not c itself: the cell's loop is vectorised only on arrays that do not overlap
-            lstm_cell_forward(a, hw, c[layer], c_new, h[layer], tanh_c)
-            c[layer] = c_new
-        _decode(h[L - 1], dec, b_dec, logits)
-
-
-@njit(cache=True, error_model="numpy")
-def gru_sample(table, w_ih, bias, w_hh, b_hn, dec, b_dec, h, logits, tokens, given, temperature, u):
-    """As lstm_sample, for the GRU: b_hn (L, H), each layer's part of b_hh inside r * (...)."""
-    _wide_vectors()
-    L, N, H = h.shape
-    a, hw = np.empty((N, 3 * H), h.dtype), np.empty((N, 3 * H), h.dtype)
-    h_new, hn = np.empty((N, H), h.dtype), np.empty((N, H), h.dtype)
-    for t in range(tokens.shape[0]):
-        if t >= given:
-            draw_tokens(logits, temperature, u[t - given], tokens[t])
-        for layer in range(L):
-            _step_input(layer, tokens[t], table, h[layer - 1], w_ih, bias, a)
-            matmul_packed(h[layer], w_hh[layer], hw)
-            gru_cell_forward(a, hw, b_hn[layer], h[layer], h_new, hn)
-            h[layer] = h_new
+            # the new c or h into `new`, then copied: the cells' loops are vectorised only on arrays
+            # that do not overlap
+            if lstm:
+                lstm_cell_forward(a, hw, c[layer], new, h[layer], scratch)
+                c[layer] = new
+            else:
+                gru_cell_forward(a, hw, b_hn[layer], h[layer], new, scratch)
+                h[layer] = new
         _decode(h[L - 1], dec, b_dec, logits)

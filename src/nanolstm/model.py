@@ -167,9 +167,9 @@ class LanguageModel(Module):
         return logits, ((new_h, new_c) if kind == "lstm" else new_h)
 
     def compiled_sampler(self, logits, state, temperature=1.0, top_k=None, top_p=None, argmax=False):
-        """generate's steps and draws as one compiled loop (fused.lstm_sample, fused.gru_sample), or
-        None where there is none: without numba or its packed products, for the plain RNN, in float64,
-        and for top-k, top-p and argmax, which next_tokens draws with NumPy.
+        """generate's steps and draws as one compiled loop (fused.sample), or None where there is none:
+        without numba or its packed products, for the plain RNN, in float64, and for top-k, top-p and
+        argmax, which next_tokens draws with NumPy.
 
         From logits (N, V) (None if prime has rows) and state, returns run(prime, out, rng, on_token):
         it steps on each row of prime (P, N) token ids, then draws each row of out (T, N) with rng and
@@ -177,8 +177,8 @@ class LanguageModel(Module):
         (the same kernels on the same numbers: see fused.py); the steps between them are not Python.
         """
         kind, V = self.config.model, self.config.vocab_size
-        loop = F._compiled.get("sample", {}).get(kind) if F._compiled.get("packed_loops") else None
-        if loop is None or self.dtype != np.float32 or not plain_draw(V, top_k, top_p, argmax):
+        loop = F._compiled.get("sample") if F._compiled.get("packed_loops") else None
+        if loop is None or kind == "rnn" or self.dtype != np.float32 or not plain_draw(V, top_k, top_p, argmax):
             return None
         pack, pack_stack = F._compiled["pack"], F._compiled["pack_stack"]
         L, H = self.rnn.num_layers, self.config.hidden_size
@@ -186,14 +186,13 @@ class LanguageModel(Module):
         bias = np.zeros((L - 1, GATES[kind] * H), self.dtype)  # the input side's, above the first layer
         for layer in range(1, L):
             bias[layer - 1] = self._folded_bias(params[layer][2], params[layer][3])
-        weights = [self.input_table(), pack_stack([p[0] for p in params[1:]]), bias,
-                   pack_stack([p[1] for p in params])]
-        if kind == "gru":
-            weights.append(np.array([p[3][2 * H:] for p in params]))  # b_hn, inside r * (...)
-        weights += [pack(self.decoder.params["weight"]), self.decoder.params["bias"]]
-        weights += [np.ascontiguousarray(s) for s in (state if kind == "lstm" else (state,))]
-        N = weights[-1].shape[1]
-        weights.append(np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
+        h, c = (state if kind == "lstm" else (state, np.empty((0, 0, 0), self.dtype)))
+        b_hn = np.array([p[3][2 * H:] for p in params]) if kind == "gru" else np.empty((0, 0), self.dtype)
+        N = h.shape[1]
+        weights = (self.input_table(), pack_stack([p[0] for p in params[1:]]), bias,
+                   pack_stack([p[1] for p in params]), np.ascontiguousarray(c), b_hn,
+                   pack(self.decoder.params["weight"]), self.decoder.params["bias"], np.ascontiguousarray(h),
+                   np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
         temperature = float(temperature)
 
         def run(prime, out, rng, on_token=None):
