@@ -717,9 +717,11 @@ def test_compiled_sampling_draws_the_python_loops_tokens(kind, layers, packed_lo
     """model.generate through the compiled loop and through model.step and next_tokens in Python (the
     same kernels, one call each): the same tokens, for one and 5 streams (an 8-row block's partial
     rows), no prime, a prime warmed step by step and one longer than WARM_BY_STEPS (forward), at
-    two temperatures; and streamed to on_text piece by piece, the same again."""
-    from nanolstm.model import WARM_BY_STEPS
+    two temperatures, in calls of CALL_STEPS tokens and one of 8; and streamed to on_text piece by
+    piece, a call each, the same again."""
+    from nanolstm.model import CALL_STEPS, WARM_BY_STEPS
 
+    length = CALL_STEPS + 8  # two calls of the loop, the second partial
     model = sample_model(kind, layers)
     long_prime = "abcdefgh" * (WARM_BY_STEPS // 8 + 1)
     runs = [dict(prime=prime, num_samples=N, temperature=temperature, seed=seed)
@@ -727,15 +729,15 @@ def test_compiled_sampling_draws_the_python_loops_tokens(kind, layers, packed_lo
                                                 (long_prime, 5, 1.3, 3)]]
     zeros = model.rnn._state_out(model.rnn._state_parts(None, 1, "state"))  # as generate starts
     assert model.compiled_sampler(None, zeros) is not None
-    compiled = [model.generate(length=40, **run) for run in runs]
+    compiled = [model.generate(length=length, **run) for run in runs]
     streamed = []
     for run in runs:
         pieces = []
-        assert model.generate(length=40, on_text=pieces.append, **run)[0] == "".join(pieces)
+        assert model.generate(length=length, on_text=pieces.append, **run)[0] == "".join(pieces)
         streamed.append(pieces)
     monkeypatch.delitem(F._compiled, "sample")
     assert model.compiled_sampler(None, zeros) is None
-    python = [model.generate(length=40, **run) for run in runs]
+    python = [model.generate(length=length, **run) for run in runs]
     assert compiled == python
     assert ["".join(pieces) for pieces in streamed] == [texts[0] for texts in python]
     assert len({texts[0] for texts in python}) == len(runs)  # the runs differ: each one tests something

@@ -18,6 +18,7 @@ from nanolstm.sample import check_sampling, next_tokens, plain_draw
 RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # G: gate blocks per hidden unit
 WARM_BY_STEPS = 16  # generate warms the state on a prime of up to this many tokens step by step
+CALL_STEPS = 32  # tokens a call of the compiled sampling loop draws (model.compiled_sampler)
 
 
 @dataclasses.dataclass
@@ -199,12 +200,12 @@ class LanguageModel(Module):
             if len(prime):
                 loop(*weights, np.ascontiguousarray(prime, np.int64), len(prime), temperature, np.empty((0, N)))
             u = rng.random(out.shape)  # the numbers next_tokens would take, N at each step
-            if on_token is None:
-                loop(*weights, out, 0, temperature, u)
-                return
-            for t in range(len(out)):
-                loop(*weights, out[t : t + 1], 0, temperature, u[t : t + 1])
-                on_token(t)
+            # CALL_STEPS tokens a call, one when streaming: Python answers Ctrl-C between calls
+            steps = CALL_STEPS if on_token is None else 1
+            for t in range(0, len(out), steps):
+                loop(*weights, out[t : t + steps], 0, temperature, u[t : t + steps])
+                if on_token is not None:
+                    on_token(t)
 
         return run
 
