@@ -190,7 +190,7 @@ class LanguageModel(Module):
         h, c = (state if kind == "lstm" else (state, np.empty((0, 0, 0), self.dtype)))
         b_hn = np.array([p[3][2 * H:] for p in params]) if kind == "gru" else np.empty((0, 0), self.dtype)
         N = h.shape[1]
-        weights = (self.input_table(), pack_stack([p[0] for p in params[1:]]), bias,
+        args = (self.input_table(), pack_stack([p[0] for p in params[1:]]), bias,
                    pack_stack([p[1] for p in params]), np.ascontiguousarray(c), b_hn,
                    pack(self.decoder.params["weight"]), self.decoder.params["bias"], np.ascontiguousarray(h),
                    np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
@@ -198,12 +198,12 @@ class LanguageModel(Module):
 
         def run(prime, out, rng, on_token=None):
             if len(prime):
-                loop(*weights, np.ascontiguousarray(prime, np.int64), len(prime), temperature, np.empty((0, N)))
+                loop(*args, np.ascontiguousarray(prime, np.int64), len(prime), temperature, np.empty((0, N)))
             u = rng.random(out.shape)  # the numbers next_tokens would take, N at each step
             # CALL_STEPS tokens a call, one when streaming: Python answers Ctrl-C between calls
             steps = CALL_STEPS if on_token is None else 1
             for t in range(0, len(out), steps):
-                loop(*weights, out[t : t + steps], 0, temperature, u[t : t + steps])
+                loop(*args, out[t : t + steps], 0, temperature, u[t : t + steps])
                 if on_token is not None:
                     on_token(t)
 
