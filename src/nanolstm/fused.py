@@ -762,9 +762,10 @@ loops = {
 
 # ---------------------------------------------------------------------------------------------
 # Sampling: model.generate's steps and draws in one compiled call. A step of one stream is
-# bound by reading the weights (12.8 MB at 2x512, ~330 us); around its four products, model.step
-# and next_tokens in Python (a dozen calls, each dispatched, and each product a parallel region
-# started from Python) took another 60-90 us. Here each step calls the same kernels, in the same
+# bound by reading the weights (12.8 MB at 2x512); around its four products, model.step and
+# next_tokens in Python (a dozen calls, each dispatched, and each product a parallel region started
+# from Python) took another 50-120 us: 375-450 us a step, 313-370 for its products alone (medians
+# and minima of 400 steps, two runs). Here each step calls the same kernels, in the same
 # order, on the same numbers as model.step and sample.next_tokens do: the products matmul_packed's,
 # the cells above, the draw draw_tokens, the biases added in float32 as NumPy adds them. So the
 # same tokens come out, to the bit. These are not parallel=True functions: numba would make each
