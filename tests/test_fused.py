@@ -696,7 +696,7 @@ def test_packed_loop_product_leaves_other_input_dtypes_to_numpy(packed_loops):
 
 
 # ---------------------------------------------------------------------------------------------
-# Generation's compiled sampling loops (fused.lstm_sample, fused.gru_sample, model.compiled_sampler).
+# Generation's compiled sampling loop (fused.sample, model.compiled_sampler).
 
 
 def sample_model(kind, layers, dtype=np.float32):
