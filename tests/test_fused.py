@@ -727,7 +727,7 @@ def test_compiled_sampling_draws_the_python_loops_tokens(kind, layers, packed_lo
     runs = [dict(prime=prime, num_samples=N, temperature=temperature, seed=seed)
             for prime, N, temperature, seed in [("", 1, 1.0, 0), ("ab", 5, 0.7, 1), (long_prime, 1, 1.0, 2),
                                                 (long_prime, 5, 1.3, 3)]]
-    zeros = model.rnn._state_out(model.rnn._state_parts(None, 1, "state"))  # as generate starts
+    zeros = model.rnn.zero_state(1)  # as generate starts
     assert model.compiled_sampler(None, zeros) is not None
     compiled = [model.generate(length=length, **run) for run in runs]
     streamed = []

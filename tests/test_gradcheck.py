@@ -124,6 +124,21 @@ def test_wrong_state_shapes_are_refused():
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_zero_state_is_what_forward_starts_from(kind):
+    """zero_state(N): zeros in the form forward takes and returns, (h0, c0) for the LSTM and h0 for
+    the others; forward from it gives what forward from None gives."""
+    rng = np.random.default_rng(0)
+    layer = getattr(nl, kind)(3, 4, num_layers=2, rng=rng)
+    zeros = layer.zero_state(5)
+    _, returned = layer.forward(rng.standard_normal((2, 5, 3)))
+    parts = zeros if kind == "LSTM" else (zeros,)
+    assert isinstance(zeros, tuple) == isinstance(returned, tuple) == (kind == "LSTM")
+    assert all(p.shape == (2, 5, 4) and p.dtype == layer.dtype and not p.any() for p in parts)
+    x = rng.standard_normal((2, 5, 3))
+    np.testing.assert_array_equal(layer.forward(x, zeros)[0], layer.forward(x)[0])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_layers_reuse_their_large_arrays_but_not_what_they_return(kind):
     """A layer keeps the pre-activations and their gradient from one call to the next
     (functional._scratch), and a call gives what a fresh layer gives; what it returns is new."""

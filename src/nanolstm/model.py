@@ -191,9 +191,9 @@ class LanguageModel(Module):
         b_hn = np.array([p[3][2 * H:] for p in params]) if kind == "gru" else np.empty((0, 0), self.dtype)
         N = h.shape[1]
         args = (self.input_table(), pack_stack([p[0] for p in params[1:]]), bias,
-                   pack_stack([p[1] for p in params]), np.ascontiguousarray(c), b_hn,
-                   pack(self.decoder.params["weight"]), self.decoder.params["bias"], np.ascontiguousarray(h),
-                   np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
+                pack_stack([p[1] for p in params]), np.ascontiguousarray(c), b_hn,
+                pack(self.decoder.params["weight"]), self.decoder.params["bias"], np.ascontiguousarray(h),
+                np.empty((N, V), self.dtype) if logits is None else np.array(logits, self.dtype))
         temperature = float(temperature)
 
         def run(prime, out, rng, on_token=None):
@@ -280,7 +280,7 @@ class LanguageModel(Module):
                 logits, state = self.forward(prime)
                 logits, prime = logits[-1], prime[:0]
             else:  # a few tokens: a step for each, cheaper than forward's setting up
-                logits, state = None, self.rnn._state_out(self.rnn._state_parts(None, num_samples, "state"))
+                logits, state = None, self.rnn.zero_state(num_samples)
             sampler = self.compiled_sampler(logits, state, temperature, top_k, top_p, argmax)
             if sampler is not None:
                 sampler(prime, out, rng, None if on_text is None else lambda t: on_text(piece(t)))

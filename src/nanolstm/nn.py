@@ -131,6 +131,10 @@ class _Recurrent(Module):
     def _state_out(self, parts):
         return parts[0]
 
+    def zero_state(self, N):
+        """The zero state of N streams, in the form forward takes and returns."""
+        return self._state_out(self._state_parts(None, N, "state"))
+
     def _state_parts(self, state, N, what):
         """A state (or its gradient) as the user passes it -> a tuple of (L, N, H) arrays in our
         dtype; None means zeros. A wrong number or shape of arrays: ValueError."""
