@@ -41,7 +41,8 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
     import nanolstm
 
     assert env["malloc_set"] is nanolstm.MALLOC_SET  # ours ran with what `import nanolstm` sets
-    assert positive(env["matmul_peak"]["gflops"])
+    peak = env["matmul_peak"]
+    assert positive(peak["gflops"]) and peak["gflops"] <= peak["gflops_best"]
     assert env["blas"] and {"internal_api", "version", "architecture", "num_threads"} <= set(env["blas"][0])
 
     assert sorted(env["train"]) == ["gru_a", "lstm_a"]  # --quick runs configuration a only
@@ -62,6 +63,7 @@ def test_quick_run_writes_every_number(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "lstm a" in printed and "gru a" in printed and "generate lstm" in printed
+    assert f"^2, the median of {peak['reps']}; the fastest " in printed
     assert ("malloc: freed memory kept" if nanolstm.MALLOC_SET else "malloc: as glibc leaves it") in printed
 
 
@@ -102,6 +104,24 @@ def test_flops_per_token_counts_every_layer_and_the_decoder():
     assert bench.train_flops_per_token("lstm", 1, 128) == 3 * 2 * (64 + 128) * 4 * 128 + 6 * 128 * 84
     assert bench.train_flops_per_token("gru", 2, 256) == (3 * 2 * (64 + 256) * 3 * 256
                                                           + 3 * 2 * (256 + 256) * 3 * 256 + 6 * 256 * 84)
+
+
+
+def test_the_matmul_peak_is_the_median_product_with_the_fastest_beside_it(monkeypatch):
+    """The shares of the peak divide medians of steps by it: so it is a median too, not a burst."""
+    calls = []
+
+    def timed(step, warmup, steps):  # the products run; their seconds are these
+        step()
+        calls.append((warmup, steps))
+        return [5.0, 1.0, 3.0, 2.0, 4.0], 0
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    peak = bench.measure_peak({"n": 8, "reps": 5}, {})
+    assert calls == [(1, 5)]
+    assert peak["reps"] == 5 and peak["median_s"] == 3.0 and peak["best_s"] == 1.0
+    assert peak["gflops"] == pytest.approx(2 * 8**3 / 3.0 / 1e9)
+    assert peak["gflops_best"] == pytest.approx(2 * 8**3 / 1.0 / 1e9)
 
 
 def test_tutorial_baseline_computes_true_gradients():

@@ -10,8 +10,8 @@ What it measures (each number in its own child process, so that the peak residen
   clip_grad_norm_, each with its defaults (threads too);
 - generation in characters/s of a 2x512 LSTM, one token at a time with sampling, 1 and 32 streams;
   PyTorch's two step-by-step paths (an nn.LSTMCell per layer, and nn.LSTM called on one step);
-- the float32 matrix-multiply peak of NumPy's BLAS, and each training figure as GFLOP/s and as a share
-  of it. Training FLOPs per token: 3 * 2*(D_l + H)*G*H per layer l (D_0 = the embedding size, then H;
+- the float32 matrix-multiply peak of NumPy's BLAS (the median of a process's products, as training's
+  figures are medians of steps), and each training figure as GFLOP/s and as a share of it. Training FLOPs per token: 3 * 2*(D_l + H)*G*H per layer l (D_0 = the embedding size, then H;
   G = 4 gates for the LSTM, 3 for the GRU) plus 6*H*V for the decoder;
 - which BLAS ran and with which kernel (threadpoolctl), in two environments: "default", the BLAS as a
   user's machine has it (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed), and "haswell", with
@@ -65,7 +65,7 @@ TRAIN_CONFIGS = {"a": (1, 128, 64, 32), "b": (2, 256, 100, 32), "c": (2, 512, 10
                  "d": (3, 512, 128, 64)}
 QUICK_TRAIN_CONFIGS = {"a": (2, 32, 16, 4)}
 FULL = {"train": TRAIN_CONFIGS, "steps": 20, "warmup": 3,
-        "peak": {"n": 2048, "reps": 10},
+        "peak": {"n": 2048, "reps": 20},
         "generate": {"layers": 2, "hidden": 512, "streams": (1, 32), "length": 300, "repeats": 3},
         "data": {"encode_chars": 100_000_000, "train_chars": (1_000_000, 100_000_000),
                  "layers": 1, "hidden": 128, "T": 64, "N": 32},
@@ -126,19 +126,21 @@ def _random_batches(T, N, count=4, seed=0):
 
 
 def measure_peak(spec, info):
-    """Best of spec["reps"] float32 (n, n) @ (n, n) products, in GFLOP/s."""
+    """spec["reps"] float32 (n, n) @ (n, n) products, timed one by one after one more, in GFLOP/s:
+    their median, the statistic of the training figures that are shown as shares of it (the median
+    of a process's steps), and beside it the fastest single product. On a machine whose cores are
+    shared with other guests a product taken in a quiet moment can run half as fast again as the
+    median: a share of that burst would compare two different machines."""
     n = spec["n"]
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
-    np.matmul(a, b, out=c)  # wakes the BLAS threads and touches c
-    times = []
-    for _ in range(spec["reps"]):
-        t0 = time.perf_counter()
-        np.matmul(a, b, out=c)
-        times.append(time.perf_counter() - t0)
-    return {"n": n, "dtype": "float32", "best_s": min(times), "gflops": 2 * n**3 / min(times) / 1e9}
+    times, _ = _timed(lambda: np.matmul(a, b, out=c), 1, spec["reps"])  # the first wakes the threads
+    out = _median_throughput(times, 2 * n**3)
+    return {"n": n, "dtype": "float32", "reps": len(times), "median_s": out["median_step_s"],
+            "best_s": out["min_step_s"], "gflops": out["per_s"] / 1e9,
+            "gflops_best": 2 * n**3 / out["min_step_s"] / 1e9}
 
 
 def _ours_setup(spec):
@@ -890,7 +892,8 @@ def report(result):
                     or "no BLAS variables set")
         lines += ["", f"== environment {env_name} ({set_vars})",
                   f"{_blas_line(out.get('blas'))}; matmul peak {_num(peak.get('gflops'), '{:.0f}')} "
-                  f"GFLOP/s (float32 {peak.get('n', '?')}^2); cells: {out['cells'] or '-'}"
+                  f"GFLOP/s (float32 {peak.get('n', '?')}^2, the median of {peak.get('reps', '?')}; "
+                  f"the fastest {_num(peak.get('gflops_best'), '{:.0f}')}); cells: {out['cells'] or '-'}"
                   + {True: "; malloc: freed memory kept", False: "; malloc: as glibc leaves it"}.get(
                       out.get("malloc_set"), "")]
         if "train" in out:
