@@ -68,7 +68,7 @@ def _openblas_timeout_applied(timeout):
 # own rule would ever keep in the heap) from the heap, and up to 512 MB of it kept free, more than a
 # step of the benchmark's configuration d frees (64 MB still left 2,000 faults a step at c). Then no
 # step of a to d faults; tokens/s a 1.12-1.22x, b 1.05-1.07x, c and d 1.01-1.02x (bench/malloc.py;
-# README, Speed).
+# docs/speed.md).
 # Linux with glibc only, and not where the user set any of malloc's parameters.
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h

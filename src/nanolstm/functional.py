@@ -298,7 +298,7 @@ def product(x, w, out=None):
     x W_ih^T and da W_ih at 207-224 GFLOP/s against OpenBLAS's 192-207; on the 2-core Xeon (Emerald
     Rapids) OpenBLAS's own AVX-512 kernel was the faster, 185-290 against 150-223, and a training
     step of d 1.10x faster with it; with OpenBLAS's Haswell kernel there, 1.20-1.23x slower
-    (README, Speed)."""
+    (docs/speed.md)."""
     out = np.empty((x.shape[0], w.shape[0]), x.dtype) if out is None else out
     if (_compiled.get("packed_products") and x.dtype == w.dtype == out.dtype == np.float32
             and x.flags.c_contiguous and out.flags.c_contiguous):

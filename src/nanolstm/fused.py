@@ -408,7 +408,7 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # loops' other arrays (the steps' pre-activations and states, read by the cells) gained nothing
 # beyond the noise.
 #
-# On the 2-core EPYC of the README (AVX-512), 512 x 2048 weights: 0.62 ms for 64 rows (216 GFLOP/s,
+# On the 2-core EPYC of docs/speed.md (AVX-512), 512 x 2048 weights: 0.62 ms for 64 rows (216 GFLOP/s,
 # OpenBLAS 0.93 ms), 0.31 ms for 32 (OpenBLAS 0.45-0.59), 33 us for one row (OpenBLAS's
 # matrix-vector product 45 us).
 #
@@ -426,7 +426,7 @@ def adam_update(p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, step
 # two. The weight gradients, da^T x, stay with the BLAS: read as da^T in place (a block's 8 rows are
 # 8 neighbours in a row of da, the rows 8 KB apart), with chunks of k inside chunks of output rows,
 # the kernel's best was 198-202 GFLOP/s against OpenBLAS's 203-205 at d's sizes; with da packed
-# chunk by chunk, 174-185 against 199-204 (README, "Tried and left out").
+# chunk by chunk, 174-185 against 199-204 (docs/speed.md, "Tried and left out").
 
 
 def threads_on_openmp():
@@ -638,7 +638,7 @@ def matmul_packed(x, panels, out):
 # slower thread or for a thread to wake. At configuration a (H=128, N=32) the forward and backward
 # loops take 3.6 ms instead of 5.6 step by step; at c (H=512, N=64) 133 instead of 148. Split by
 # units instead (each thread the panels and cells of its units, all rows, meeting at a spin barrier
-# after every step), the loops came out slower on the Xeon (README, "Tried on the Xeon").
+# after every step), the loops came out slower on the Xeon (docs/speed.md, "Tried on the Xeon").
 #
 # Same signatures as the reference loops in functional.py, with W_hh packed first. The LSTM's bias
 # is where each step's sums of h W_hh^T start (_matmul_rows), not a pass of its own over them.

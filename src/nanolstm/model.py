@@ -261,7 +261,7 @@ class LanguageModel(Module):
         # The state starts at zero and is warmed on a line break, then on the prime. A model trained
         # with its state carried from batch to batch has met a zero state only in its first steps;
         # from it, a prime that opens mid-line (a name in capitals, say) can derail the sample into
-        # noise, while the start of a line is familiar ground (README, "Generation").
+        # noise, while the start of a line is familiar ground (README, "Training").
         start = vocab.index.get("\n")
         if start is not None:
             ids = np.concatenate([[start], ids])
