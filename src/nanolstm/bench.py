@@ -11,8 +11,9 @@ What it measures (each number in its own child process, so that the peak residen
 - generation in characters/s of a 2x512 LSTM, one token at a time with sampling, 1 and 32 streams;
   PyTorch's two step-by-step paths (an nn.LSTMCell per layer, and nn.LSTM called on one step);
 - the float32 matrix-multiply peak of NumPy's BLAS (the median of a process's products, as training's
-  figures are medians of steps), and each training figure as GFLOP/s and as a share of it. Training FLOPs per token: 3 * 2*(D_l + H)*G*H per layer l (D_0 = the embedding size, then H;
-  G = 4 gates for the LSTM, 3 for the GRU) plus 6*H*V for the decoder;
+  figures are medians of steps), and each training figure as GFLOP/s and as a share of it. Training
+  FLOPs per token: 3 * 2*(D_l + H)*G*H per layer l (D_0 = the embedding size, then H; G = 4 gates
+  for the LSTM, 3 for the GRU) plus 6*H*V for the decoder;
 - which BLAS ran and with which kernel (threadpoolctl), in two environments: "default", the BLAS as a
   user's machine has it (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE removed), and "haswell", with
   OPENBLAS_CORETYPE=Haswell forced. PyTorch runs in both, and every ratio compares runs of one
