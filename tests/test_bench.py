@@ -171,6 +171,19 @@ def test_pytorchs_and_the_blas_processes_run_without_nanolstms_process_settings(
     assert ours["malloc_set"] is nanolstm.MALLOC_SET
 
 
+def test_generations_ratio_by_round_takes_pytorchs_faster_path_of_each_round(monkeypatch):
+    args = bench_parser().parse_args(["bench", "--only", "generate", "--rounds", "2"])
+    speeds = iter([100.0, 50.0, 80.0, 120.0, 60.0, 30.0])  # ours, nn.LSTMCell, nn.LSTM, in each round
+    monkeypatch.setattr(bench, "measure",
+                        lambda kind, spec, env, timeout: {"chars_per_s": next(speeds), "peak_rss_mb": 1.0})
+    runner = bench.Runner(args, lambda msg: None)
+    runner.use_torch = True  # the processes are the fakes above: PyTorch need not be installed
+    entry = bench.generate_entry(runner, "default", {}, 1)
+    assert entry["ours_over_torch"] == pytest.approx(1.5)  # ours' fastest, 120, over PyTorch's, 80
+    assert entry["ours_over_torch_by_round"] == pytest.approx([1.25, 2.0])
+    assert bench._generate_line(entry).endswith("ours/torch best 1.50x, by round 1.62 (1.25-2.00)")
+
+
 def test_the_ratio_by_round_pairs_each_rounds_two_processes(monkeypatch):
     args = bench_parser().parse_args(["bench", "--configs", "lstm_a", "--rounds", "3"])
     speeds = iter([100.0, 50.0, 120.0, 100.0, 90.0, 30.0])  # ours, then PyTorch's, in each round

@@ -722,6 +722,11 @@ def generate_entry(runner, env_name, env, streams):
         entry["ours_over_torch"] = _ratio(entry["ours"].get("chars_per_s"), speed)
     else:
         entry["torch_best"], entry["ours_over_torch"] = None, None
+    # each round: ours against the faster of PyTorch's two paths in that round, run right after it
+    runs = [entry[key].get("runs") or [None] * runner.rounds for key in ("ours", "torch_cell", "torch_lstm")]
+    entry["ours_over_torch_by_round"] = [
+        _ratio(ours, max((t for t in (cell, lstm) if t is not None), default=None))
+        for ours, cell, lstm in zip(*runs)]
     return entry
 
 
@@ -844,7 +849,8 @@ def _generate_line(e):
         line += (f"; torch nn.LSTMCell {_num(e['torch_cell'].get('chars_per_s'))}, "
                  f"nn.LSTM step {_num(e['torch_lstm'].get('chars_per_s'))} "
                  f"(peak RSS {_num(best.get('peak_rss_mb'))} MB); "
-                 f"ours/torch best {_num(e['ours_over_torch'], '{:.2f}x')}")
+                 f"ours/torch best {_num(e['ours_over_torch'], '{:.2f}x')}, "
+                 f"by round {_by_round(e.get('ours_over_torch_by_round'))}")
     return line
 
 
