@@ -3,6 +3,7 @@ signals (130, 143) and an exact resume, a folder held by another trainer, and `p
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +104,24 @@ def test_bad_training_input_is_one_line_and_status_2(tmp_path, capsys, args, nee
     assert main(argv) == 2
     one_line_error(capsys, *needles)
     assert not out.exists()  # the folder made for the run goes again with the bad input
+
+
+def test_a_folder_going_away_while_the_run_stops_leaves_the_one_line(tmp_path, capsys, monkeypatch):
+    """The folder made for a run is tidied away after bad input; if it vanishes under that tidying
+    (removed while the run stopped), the error is still the one line that stopped the run. Seen in
+    the fault test that removes the output folder mid-run: a FileNotFoundError traceback, status 1."""
+    listdir = os.listdir
+
+    def gone(path):  # the folder goes as the trainer's tidying looks into it, and not before
+        if sys._getframe(1).f_code.co_filename.endswith(os.path.join("nanolstm", "train.py")):
+            shutil.rmtree(path)
+        return listdir(path)
+
+    bad_corpora(tmp_path)
+    monkeypatch.setattr(os, "listdir", gone)
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(tmp_path / "empty.txt"), "--out", str(out), "--max-steps", "5"]) == 2
+    one_line_error(capsys, "empty")
 
 
 def test_bad_sampling_input_is_one_line_and_status_2(run, tmp_path, capsys):

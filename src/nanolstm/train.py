@@ -288,11 +288,16 @@ def train(config, log=None):
         with OutputLock(config.out):
             return _train_locked(config, arrays, meta, log)
     except NanolstmError:
-        # bad input found before anything was written: leave no trace of the folder we made for it
-        # (unless the folder itself went away under us)
-        if created and os.path.isdir(config.out) and os.listdir(config.out) == [".lock"]:
-            os.remove(os.path.join(config.out, ".lock"))
-            os.rmdir(config.out)
+        # bad input found before anything was written: leave no trace of the folder we made for it.
+        # Only a tidying: the folder may be going away under us (removed while we ran), and then the
+        # error to report is still the one that stopped the run.
+        if created:
+            try:
+                if os.listdir(config.out) == [".lock"]:
+                    os.remove(os.path.join(config.out, ".lock"))
+                    os.rmdir(config.out)
+            except OSError:
+                pass
         raise
 
 
