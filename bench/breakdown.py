@@ -75,9 +75,6 @@ def main(argv=None):
     big = 2 * T * N * D * G * H
     part("forward: input products x W_ih^T, one call",  # into the array the layer keeps, as it does
          lambda: F.product(x.reshape(T * N, D), w_ih, a.reshape(T * N, G * H)), big)
-    a_in = a.copy()
-    if args.model == "gru":  # the LSTM adds its biases in the time loop, step by step
-        part("forward: bias added to all steps", lambda: np.add(a_in, b_ih + b_hh, out=a))
     loop_forward, loop_backward = F._loop(args.model, np.float32)
     dc = f32(N, H)
     if args.model == "lstm":
@@ -94,7 +91,7 @@ def main(argv=None):
         b_hn = b_hh[2 * H :]
 
         def forward_loop():
-            loop_forward(a, hs, hns, b_hn, w_hh)
+            loop_forward(a, F.gru_input_bias(b_ih, b_hh), hs, hns, b_hn, w_hh)
 
         def backward_loop():
             dh[...] = 0.1
@@ -107,7 +104,7 @@ def main(argv=None):
     part("backward: dW_ih = da^T x, one call", lambda: da2.T @ x2, big)
     part("backward: dW_hh = da^T h, one call", lambda: da2.T @ h2, 2 * T * N * H * G * H)
     if args.model == "gru":  # the LSTM's backward loop sums it as it goes
-        part("backward: bias gradient", lambda: da2.sum(axis=0))
+        part("backward: bias gradient", lambda: da2.sum(axis=0))  # and as much again for dha
 
     layer = {"lstm": (F.lstm_forward, F.lstm_backward), "gru": (F.gru_forward, F.gru_backward)}
     forward, backward = layer[args.model]

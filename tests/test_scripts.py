@@ -43,9 +43,10 @@ def test_the_breakdown_times_every_part_and_every_phase(model, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = [re.fullmatch(r"(.{48}) +(\d+\.\d\d)( .*)?", line) for line in lines]
     timed = {row[1].strip(): float(row[2]) for row in rows if row}
-    # the layer's parts (the GRU adds its biases in passes of their own, the LSTM in its loops), the
-    # loop's parts alone, sums and wholes, input side, phases, step
-    parts = 6 + 2 * (model == "gru")
+    # the layer's parts (both add their biases in their forward loops; the GRU sums its bias gradient
+    # in a pass of its own, the LSTM in its backward loop), the loop's parts alone, sums and wholes,
+    # input side, phases, step
+    parts = 6 + (model == "gru")
     assert len(timed) == parts + 5 + 4 + 2 + 6 + 1, lines
     assert "forward: the time loop, 5 products and cells" in timed and "5 forward cells, one thread" in timed
     assert all(np.isfinite(ms) for ms in timed.values()) and timed["whole step"] > 0, timed  # tiny parts print 0.00

@@ -498,10 +498,11 @@ def gru_input_bias(b_ih, b_hh):
     return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
 
 
-def gru_loop_forward(a, hs, hns, b_hn, w_hh, gather=None):
-    """The time loop of gru_forward, in place: a (T, N, 3H) in (input side with the biases folded in),
-    activations out; hs (T + 1, N, H) with h0 in row 0, h_t written to row t + 1; hns (T, N, H) out.
-    gather: as lstm_loop_forward's."""
+def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None):
+    """The time loop of gru_forward, in place: a (T, N, 3H) the input side x W_ih^T in, the
+    activations out; bias (3H,) = gru_input_bias(b_ih, b_hh), added to each step's rows as the step
+    begins (where they are in cache, not in a pass of its own over all of a); hs (T + 1, N, H) with
+    h0 in row 0, h_t written to row t + 1; hns (T, N, H) out. gather: as lstm_loop_forward's."""
     T, N = a.shape[:2]
     cell_forward = _cell("gru", a.dtype)[0]
     hw = np.empty((N, a.shape[2]), a.dtype)
@@ -509,6 +510,7 @@ def gru_loop_forward(a, hs, hns, b_hn, w_hh, gather=None):
     for t in range(T):
         if gather is not None:
             np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
+        a[t] += bias
         times_w_hh_t(hs[t], hw)
         cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
 
@@ -535,11 +537,11 @@ def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, work=None):
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a, gather = loop_input_side(x, w_ih, gru_input_bias(b_ih, b_hh), _scratch(work, "a", (T, N, 3 * H), x.dtype))
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 3 * H), x.dtype))
     hs = np.empty((T + 1, N, H), x.dtype)
     hns = np.empty((T, N, H), x.dtype)
     hs[0] = h0
-    _loop("gru", x.dtype)[0](a, hs, hns, b_hh[2 * H :], w_hh, gather)
+    _loop("gru", x.dtype)[0](a, gru_input_bias(b_ih, b_hh), hs, hns, b_hh[2 * H :], w_hh, gather)
     cache = (x, hs, hns, a, w_ih, w_hh)
     return hs[1:], hs[T], cache
 

@@ -640,8 +640,9 @@ def matmul_packed(x, panels, out):
 # units instead (each thread the panels and cells of its units, all rows, meeting at a spin barrier
 # after every step), the loops came out slower on the Xeon (docs/speed.md, "Tried on the Xeon").
 #
-# Same signatures as the reference loops in functional.py, with W_hh packed first. The LSTM's bias
-# is where each step's sums of h W_hh^T start (_matmul_rows), not a pass of its own over them.
+# Same signatures as the reference loops in functional.py, with W_hh packed first. Neither adds its
+# biases in a pass of its own over all steps: the LSTM's are where each step's sums of h W_hh^T
+# start (_matmul_rows), the GRU's are added as each step's input rows are read (_input_rows).
 
 
 @njit(cache=True, error_model="numpy")
@@ -657,6 +658,19 @@ def _gather_rows(a_t, table, ids, t, r0, r1):
     if ids.shape[0]:
         for n in range(r0, r1):
             a_t[n] = table[ids[t, n]]
+
+
+@njit(cache=True, error_model="numpy")
+def _input_rows(a_t, table, ids, t, r0, r1, bias):
+    """Rows r0 to r1 of a step's input side with the bias added: a_t[n] = table[ids[t, n]] + bias
+    when the loop gathers them, else a_t[n] += bias; one pass, which leaves them in cache for the
+    cell. The GRU's, whose input-side bias cannot start the sums of h W_hh^T as the LSTM's does (the
+    product's n block is multiplied by r)."""
+    gathered = ids.shape[0] > 0
+    for n in range(r0, r1):
+        row = table[ids[t, n]] if gathered else a_t[n]
+        for j in range(a_t.shape[1]):
+            a_t[n, j] = row[j] + bias[j]
 
 
 @njit(cache=True, error_model="numpy")
@@ -713,7 +727,7 @@ def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_part
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _gru_loop_forward(a, table, ids, hs, hns, b_hn, panels, parts):
+def _gru_loop_forward(a, table, ids, bias, hs, hns, b_hn, panels, parts):
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
     for part in prange(parts):
@@ -721,7 +735,7 @@ def _gru_loop_forward(a, table, ids, hs, hns, b_hn, panels, parts):
         r0, r1 = _row_share(N, part, parts)
         hw = np.empty((r1 - r0, G), a.dtype)
         for t in range(T):
-            _gather_rows(a[t], table, ids, t, r0, r1)
+            _input_rows(a[t], table, ids, t, r0, r1, bias)
             _matmul_rows(hs[t, r0:r1], panels, hw, no_bias)
             gru_cell_forward(a[t, r0:r1], hw, b_hn, hs[t, r0:r1], hs[t + 1, r0:r1], hns[t, r0:r1])
 
@@ -755,9 +769,9 @@ def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
     return db_parts.sum(axis=0).astype(a.dtype)
 
 
-def gru_loop_forward(a, hs, hns, b_hn, w_hh, gather=None):
+def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None):
     """As functional.gru_loop_forward."""
-    _gru_loop_forward(a, *_gather_args(a, gather), hs, hns, b_hn, pack(w_hh), _shares(a.shape[1]))
+    _gru_loop_forward(a, *_gather_args(a, gather), bias, hs, hns, b_hn, pack(w_hh), _shares(a.shape[1]))
 
 
 def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh):
