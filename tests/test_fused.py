@@ -743,6 +743,49 @@ def test_compiled_sampling_draws_the_python_loops_tokens(kind, layers, packed_lo
     assert len({texts[0] for texts in python}) == len(runs)  # the runs differ: each one tests something
 
 
+_PRODUCT_ALONE = """
+import numpy as np
+from nanolstm import fused
+out = np.empty((8, 32), np.float32)
+fused.matmul_packed(np.ones((8, 16), np.float32), fused.pack(np.ones((32, 16), np.float32)), out)
+"""
+
+_GENERATE = """
+import sys
+import numpy as np
+from nanolstm import functional as F
+from nanolstm.data import Vocab
+from nanolstm.model import LanguageModel, ModelConfig
+vocab = Vocab("char", ["\\n"] + [chr(c) for c in range(ord("a"), ord("a") + 26)])
+model = LanguageModel(ModelConfig(len(vocab), num_layers=2, hidden_size=37, embedding_size=5), vocab, seed=0,
+                      dtype=np.float32)
+zeros = model.rnn.zero_state(1)
+print("compiled" if model.compiled_sampler(None, zeros) is not None else "python", file=sys.stderr)
+print(repr(model.generate(length=40, seed=1)[0]), file=sys.stderr)
+"""
+
+
+def test_generation_runs_when_its_compiled_loop_comes_from_numbas_cache(tmp_path):
+    """numba issue 8578: a compiled function loaded from numba's cache does not start numba's threads
+    for the parallel=True functions it calls. Three processes on one empty cache: the first compiles
+    matmul_packed alone; the second generates, compiling the sampling loop on matmul_packed from
+    the cache, and caches it; the third loads that loop and generates. It stopped on a segmentation
+    fault (status -11) until fused.sample started the threads itself; now it draws the second's text."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NUMBA_DEBUG_CACHE="1")
+    ran = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+           for code in (_PRODUCT_ALONE, _GENERATE, _GENERATE)]
+    assert [r.returncode for r in ran] == [0, 0, 0], [r.stderr[-2000:] for r in ran]
+    if ran[1].stderr.splitlines()[0] != "compiled":
+        pytest.skip("generation does not take the compiled loop here (the BLAS's loop products)")
+    loaded = [line for line in ran[2].stdout.splitlines() if "data loaded from" in line]
+    assert any("fused._sample-" in line for line in loaded), ran[2].stdout  # the loop came from the cache
+    assert not any("fused._sample-" in line for line in ran[1].stdout.splitlines() if "loaded" in line)
+    assert ran[2].stderr == ran[1].stderr and len(ran[1].stderr.splitlines()[1]) > 40
+
+
 def test_compiled_sampling_only_for_a_plain_draw_of_float32_lstm_and_gru(packed_loops):
     """top-k, top-p and argmax, float64, the plain RNN, and the BLAS's loop products keep the Python
     loop; a top-k of the whole vocabulary or a top-p of 1 is the plain draw."""

@@ -833,8 +833,19 @@ def _decode(h, dec, b_dec, logits):
             logits[n, v] += b_dec[v]
 
 
+def sample(*args):
+    """_sample(*args), numba's threads started first. A compiled function that is not parallel=True
+    but calls one that is (here matmul_packed) does not start them when it is loaded from numba's
+    cache (numba issue 8578), and the parallel region then crashes the process: once matmul_packed
+    had been cached by an earlier process, the first generation compiled and cached this loop, and
+    every later one, loading it, stopped on a segmentation fault. numba.get_num_threads starts the
+    threads if nothing has yet; after that it costs about 2 microseconds a call."""
+    numba.get_num_threads()
+    _sample(*args)
+
+
 @njit(cache=True, error_model="numpy")
-def sample(table, w_ih, bias, w_hh, c, b_hn, dec, b_dec, h, logits, tokens, given, temperature, u):
+def _sample(table, w_ih, bias, w_hh, c, b_hn, dec, b_dec, h, logits, tokens, given, temperature, u):
     """For each row t of tokens (T, N): unless t < given, draw it from logits (N, V) by u[t - given]
     at temperature; then step the model on it from the state h (L, N, H), and c (L, N, H) for an
     LSTM, both updated in place, and put the next logits in logits. An LSTM's if c has its layers;
