@@ -125,6 +125,28 @@ def test_clip_grad_norm_leaves_small_gradients_and_reports_nan():
     assert math.isnan(optim.clip_grad_norm({"a": np.array([np.nan, 1.0])}, 5.0))
 
 
+@pytest.mark.parametrize("norm", [5.0 - 5e-7, 5.0, 5.0 + 5e-7])
+def test_clip_grad_norm_scales_as_torch_just_below_max_norm(norm):
+    """torch scales by max_norm / (norm + 1e-6) whenever that is below 1: a norm within 1e-6 under
+    max_norm is scaled too, and so is it here."""
+    grads = {"a": np.array([0.6, 0.8]) * norm}
+    t = torch.tensor(grads["a"].copy(), requires_grad=True)
+    t.grad = torch.tensor(grads["a"].copy())
+    torch.nn.utils.clip_grad_norm_([t], 5.0)
+    optim.clip_grad_norm(grads, 5.0)
+    np.testing.assert_allclose(grads["a"], t.grad.numpy(), rtol=1e-15, atol=0)
+    assert np.all(grads["a"] < np.array([0.6, 0.8]) * norm)
+
+
+def test_sgd_defaults_are_torchs():
+    import inspect
+
+    ours = inspect.signature(optim.SGD).parameters
+    theirs = inspect.signature(torch.optim.SGD).parameters
+    for name in ("lr", "momentum", "weight_decay"):
+        assert ours[name].default == theirs[name].default, name
+
+
 def test_clip_grad_value():
     grads = {"a": np.array([-3.0, 0.5, 7.0])}
     optim.clip_grad_value(grads, 1.0)

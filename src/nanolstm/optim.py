@@ -55,7 +55,7 @@ class Optimizer:
 class SGD(Optimizer):
     """p -= lr * g, or with momentum: b = momentum * b + g; p -= lr * b."""
 
-    def __init__(self, params, grads, lr=0.1, momentum=0.0, weight_decay=0.0):
+    def __init__(self, params, grads, lr=1e-3, momentum=0.0, weight_decay=0.0):
         super().__init__(params, grads, lr, weight_decay)
         self.momentum = momentum
 
@@ -175,16 +175,19 @@ OPTIMIZERS = {"sgd": SGD, "adagrad": Adagrad, "rmsprop": RMSprop, "adam": Adam, 
 
 
 def global_norm(grads):
-    """sqrt of the sum of squares of every gradient entry, accumulated in float64."""
+    """sqrt of the sum of squares of every gradient entry: each gradient's sum by the BLAS in the
+    gradient's dtype, their total in float64."""
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
 
 
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients together so that their global norm is at most max_norm, in place.
-    Returns the norm before clipping (inf or NaN if a gradient is not finite; then nothing changes)."""
+    Returns the norm before clipping (inf or NaN if a gradient is not finite; then nothing changes).
+    As torch.nn.utils.clip_grad_norm_: the scale is max_norm / (norm + 1e-6) wherever that is below 1,
+    so a norm just under max_norm is scaled too, by less than 1e-6 / max_norm."""
     norm = global_norm(grads)
-    if math.isfinite(norm) and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
+    scale = max_norm / (norm + 1e-6)
+    if math.isfinite(norm) and scale < 1:
         for g in grads.values():
             g *= g.dtype.type(scale)
     return norm
