@@ -198,3 +198,15 @@ def test_the_ratio_by_round_pairs_each_rounds_two_processes(monkeypatch):
     row = bench._train_table({"lstm_a": entry})[2]
     assert "1.20x" in row and "2.00 (1.20-3.00)" in row
     assert bench._by_round([1.3, None]) == "-"  # a round that failed leaves one ratio: no spread to show
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """--json naming a folder, or a path under a file, is one line and status 2 before the minutes
+    of measurements; nothing is measured."""
+    monkeypatch.setattr(bench, "collect", lambda *a: pytest.fail("measured before checking --json"))
+    (tmp_path / "a_file").write_text("x")
+    for bad in (tmp_path, tmp_path / "a_file" / "speed.json"):
+        assert bench.main(["--quick", "--no-torch", "--only", "baseline", "--json", str(bad)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("nanolstm: error: --json") and "\n" not in err and "choose another path" in err
+    assert (tmp_path / "a_file").read_text() == "x"

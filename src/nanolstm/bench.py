@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from nanolstm.errors import NanolstmError
+from nanolstm.outdir import write_atomic
 
 V = 84  # the vocabulary of ../shared/data/shakespeare.txt
 E = 64  # embedding size, ours and PyTorch's
@@ -1019,11 +1020,17 @@ def run(args):
     if load > 0.5:
         say(f"warning: load average {load:.1f} on {cpus} CPUs: other programs are running, and with "
             "BLAS threads competing for the cores the figures will be low and noisy")
+    path = Path(args.json)  # checked before the measurements, which take minutes
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanolstmError(f"--json {path}: cannot make its folder ({e.strerror or e}); choose another path") from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise NanolstmError(f"--json {path}: {'is a folder' if path.is_dir() else 'its folder is not writable'}; "
+                            "choose another path")
     result = collect(args, say)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(report(result))
+    print(report(result))  # the table first: a file that cannot be written now loses nothing
+    write_atomic(str(path), json.dumps(result, indent=1) + "\n")
     print(f"\nwritten to {path}")
     return 1 if result["failures"] else 0
 
