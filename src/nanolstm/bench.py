@@ -1016,18 +1016,19 @@ def run(args):
     if args.configs and not any(key.partition("_")[2] in sizes["train"] for key in args.configs):
         raise NanolstmError(f"--configs {','.join(args.configs)}: --quick has configuration "
                             f"{', '.join(sizes['train'])} only; leave out --quick or --configs")
-    load, cpus = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
-    if load > 0.5:
-        say(f"warning: load average {load:.1f} on {cpus} CPUs: other programs are running, and with "
-            "BLAS threads competing for the cores the figures will be low and noisy")
     path = Path(args.json)  # checked before the measurements, which take minutes
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise NanolstmError(f"--json {path}: cannot make its folder ({e.strerror or e}); choose another path") from None
+        raise NanolstmError(f"--json {path}: cannot make its folder ({e.strerror or e}); "
+                            "choose another path") from None
     if path.is_dir() or not os.access(path.parent, os.W_OK):
-        raise NanolstmError(f"--json {path}: {'is a folder' if path.is_dir() else 'its folder is not writable'}; "
-                            "choose another path")
+        problem = "is a folder" if path.is_dir() else "its folder is not writable"
+        raise NanolstmError(f"--json {path}: {problem}; choose another path")
+    load, cpus = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if load > 0.5:
+        say(f"warning: load average {load:.1f} on {cpus} CPUs: other programs are running, and with "
+            "BLAS threads competing for the cores the figures will be low and noisy")
     result = collect(args, say)
     print(report(result))  # the table first: a file that cannot be written now loses nothing
     write_atomic(str(path), json.dumps(result, indent=1) + "\n")
