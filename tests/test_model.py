@@ -136,3 +136,23 @@ def test_generation_warms_the_state_on_a_line_break_before_the_prime():
     long_prime = "ko" * (WARM_BY_STEPS // 2 + 1)
     warmed = greedy(model, np.concatenate([[VOCAB.index["\n"]], model.vocab.encode(long_prime)]), 12)
     assert model.generate(prime=long_prime, length=12, argmax=True)[0] == warmed
+
+
+def test_a_generation_larger_than_the_machine_is_refused_before_it_allocates(monkeypatch):
+    """NumPy maps a huge array's pages only as they are written, so without a check up front the
+    process is killed, without a word, when the memory runs out. The check counts a lower bound:
+    what surely fits is never refused."""
+    from nanolstm import model as model_module
+
+    if model_module.physical_memory() is None:
+        pytest.skip("this system does not say how much memory it has")
+    model = make("lstm")
+    monkeypatch.setattr(np, "empty", lambda *a, **k: pytest.fail("allocated before the check"))
+    with pytest.raises(model_module.NanolstmError, match=r"^100,000,000 sample\(s\) of 1 tokens need at least "
+                                                          r".* GiB, more than this machine's .*--num-samples"):
+        model.generate(length=1, num_samples=10**8)
+    monkeypatch.undo()
+    monkeypatch.setattr(model_module, "physical_memory", lambda: 10**6)  # a 1 MB machine
+    with pytest.raises(model_module.NanolstmError, match="a shorter --length"):
+        model.generate(length=200_000)
+    assert len(model.generate(length=1000, num_samples=2)) == 2  # 16 KB of tokens and 2 streams fit

@@ -4,6 +4,7 @@ Shapes: T time, N batch (streams), V vocabulary, E embedding size, H hidden, L l
 """
 
 import dataclasses
+import os
 import sys
 
 import numpy as np
@@ -19,6 +20,14 @@ RECURRENT = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # G: gate blocks per hidden unit
 WARM_BY_STEPS = 16  # generate warms the state on a prime of up to this many tokens step by step
 CALL_STEPS = 32  # tokens a call of the compiled sampling loop draws (model.compiled_sampler)
+
+
+def physical_memory():
+    """The machine's memory in bytes, or None where the system does not say (no sysconf: Windows)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 @dataclasses.dataclass
@@ -267,6 +276,7 @@ class LanguageModel(Module):
             ids = np.concatenate([[start], ids])
         elif len(ids) == 0:  # no prime and no line break: start from the first token
             ids = np.array([0])
+        self._check_generation_memory(length, num_samples, len(ids))
         rng = np.random.default_rng(seed)
         was_training = self.training
         self.eval()
@@ -296,6 +306,23 @@ class LanguageModel(Module):
         finally:
             self.train(was_training)
         return [decode(out[:, n]) for n in range(num_samples)]
+
+    def _check_generation_memory(self, length, num_samples, prime_tokens):
+        """Refuse, before anything is allocated, a generation that cannot fit in the machine's memory.
+        NumPy hands out such arrays without complaint and the kernel maps their pages only as they are
+        written, so the process would not get a MemoryError but be killed, without a word, when the
+        memory ran out. Counted: the tokens drawn, and each stream's activations and logits of a step
+        (of the whole prime, where forward warms the state on it); a lower bound, so never a refusal
+        of what fits."""
+        c = self.config
+        per_token = c.num_layers * (GATES[c.model] + 3) * c.hidden_size + c.vocab_size
+        steps = prime_tokens if prime_tokens > WARM_BY_STEPS else 1
+        need = num_samples * (8 * length + self.dtype.itemsize * steps * per_token)
+        have = physical_memory()
+        if have is not None and need > have:
+            raise NanolstmError(f"{num_samples:,} sample(s) of {length:,} tokens need at least "
+                                f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB; "
+                                "ask for fewer --num-samples or a shorter --length or --prime")
 
     # -----------------------------------------------------------------------------------------
     # Checkpoints: arrays under "model." and the configuration and vocabulary as JSON
