@@ -1,5 +1,9 @@
 """Tests for nanolstm.data: reading corpora, vocabularies, encoding, splitting and batching."""
 
+import os
+import signal
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -76,6 +80,47 @@ def test_read_corpus_invalid_utf8_in_directory_names_the_file(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"ok\nthen \xfe")
     with pytest.raises(DataError, match=r"b\.txt: not valid UTF-8 at byte offset 8;"):
         read_corpus(tmp_path)
+
+
+def test_read_corpus_refuses_a_fifo_instead_of_blocking_on_it(tmp_path):
+    fifo = tmp_path / "pipe.txt"
+    os.mkfifo(fifo)
+
+    def hung(signum, frame):
+        raise TimeoutError("read_corpus blocked on the FIFO")
+
+    # opening a FIFO that has no writer blocks for ever: fail instead of hanging
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(DataError, match="not a regular file or a directory") as err:
+            read_corpus(fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert_one_line(err)
+
+
+@pytest.mark.parametrize("denied", ["iterdir", "stat"])
+def test_read_corpus_unreadable_folder_is_one_line(tmp_path, monkeypatch, denied):
+    """chmod 000 on the folder: listing it (or, given a file inside, looking at that file) is refused.
+    Raised by hand, since root, which CI may run as, ignores permissions."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("text", encoding="utf-8")
+    real = getattr(Path, denied)
+
+    def refuse(self, *args, **kwargs):
+        if self == folder or folder in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, denied, refuse)
+    target = folder if denied == "iterdir" else folder / "a.txt"
+    with pytest.raises(DataError, match="cannot read: Permission denied") as err:
+        read_corpus(target)
+    assert_one_line(err)
+    assert str(target) in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ batch k, which is what lets the trainer carry the hidden state from one batch to
 import codecs
 import math
 import re
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -47,20 +48,27 @@ def read_corpus(path):
     """Read a UTF-8 text file, or a directory of .txt files joined with "\\n" in name order.
 
     The bytes are decoded as they are, so "\\r\\n" line endings survive; a leading UTF-8 byte order mark
-    is dropped from each file. Raises DataError for a missing path, a directory without .txt files,
-    bytes that are not UTF-8 (naming the file and the byte offset) and an empty corpus.
+    is dropped from each file. Raises DataError for a missing or unreadable path, one that is neither
+    a regular file nor a directory (a FIFO would block for ever), a directory without .txt files, bytes
+    that are not UTF-8 (naming the file and the byte offset) and an empty corpus.
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix == ".txt" and p.is_file()),
-                       key=lambda p: p.name)
-        if not files:
-            raise DataError(f"{path}: directory contains no .txt files; "
-                            "put the corpus in .txt files or pass a single file")
-    elif path.exists():
-        files = [path]
-    else:
-        raise DataError(f"{path}: no such file or directory; check the corpus path")
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            files = sorted((p for p in path.iterdir() if p.suffix == ".txt" and p.is_file()),
+                           key=lambda p: p.name)
+            if not files:
+                raise DataError(f"{path}: directory contains no .txt files; "
+                                "put the corpus in .txt files or pass a single file")
+        elif stat.S_ISREG(mode):
+            files = [path]
+        else:
+            raise DataError(f"{path}: not a regular file or a directory; give a text file or a folder of them")
+    except (FileNotFoundError, ValueError):  # ValueError: a NUL in the path, which no file has
+        raise DataError(f"{path}: no such file or directory; check the corpus path") from None
+    except OSError as e:  # a folder we may not list, or a path we may not look into
+        raise DataError(f"{path}: cannot read: {e.strerror or e}; check the path and its permissions") from None
 
     text = "\n".join(_read_utf8(f) for f in files)
     if not text:
