@@ -161,10 +161,24 @@ def test_unknown_prime_characters_can_be_skipped(run, capsys):
     assert main(["sample", run, "--prime", "the ✓cat", "--unknown", "skip", "--length", "25", "--seed", "0"]) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    assert out.startswith("the ✓cat") and len(out) == len("the ✓cat") + 25 + 1
-    # the state was warmed on the prime without the unknown character
+    # the prime is printed as the model used it: the state was warmed on it without the unknown character
+    assert out.startswith("the cat") and len(out) == len("the cat") + 25 + 1
     model = LanguageModel.load(os.path.join(run, "best.ckpt"))
-    assert out[len("the ✓cat"):-1] == model.generate(prime="the cat", length=25, seed=0)[0]
+    assert out[len("the cat"):-1] == model.generate(prime="the cat", length=25, seed=0)[0]
+    assert main(["sample", run, "--prime", "the ✓cat", "--unknown", "skip", "--length", "5", "--num-samples", "2"]) == 0
+    assert capsys.readouterr().out.startswith("---- sample 1 ----\nthe cat")
+
+
+def test_sample_prints_nothing_before_its_options_are_checked(run, capsys):
+    """The prime used to be printed before generate checked the options, then the error came."""
+    for bad in (["--temperature", "0"], ["--top-k", "0"], ["--length", "-1"], ["--prime", "The ✓", "--seed", "-1"]):
+        assert main(["sample", run, "--prime", "the ", *bad]) == 2, bad
+        assert capsys.readouterr().out == "", bad
+    assert main(["sample", run, "--prime", "the ✓", "--length", "5"]) == 2  # a character it lacks
+    assert capsys.readouterr().out == ""
+    # with nothing to generate, the prime alone
+    assert main(["sample", run, "--prime", "the ", "--length", "0"]) == 0
+    assert capsys.readouterr().out == "the \n"
 
 
 def test_resume_with_options_that_do_not_fit_the_checkpoint_is_refused(run, corpus, capsys):

@@ -122,14 +122,27 @@ def run_sample(args):
     model = LanguageModel.load(path)
     kwargs = dict(prime=args.prime, length=args.length, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, argmax=args.argmax, seed=args.seed, unknown=args.unknown)
+    # the prime as the model uses it: --unknown skip drops the characters a character vocabulary lacks
+    # (as LanguageModel.generate does); a word vocabulary has <unk> for them and keeps them
+    prime = args.prime
+    if args.unknown == "skip" and model.vocab is not None and model.vocab.unk_id is None:
+        prime = "".join(ch for ch in prime if ch in model.vocab.index)
     if args.num_samples == 1:
-        if args.prime:
-            stream_to_stdout(args.prime)
-        model.generate(**kwargs, on_text=stream_to_stdout)
-        stream_to_stdout("\n")
+        # nothing on stdout before generate has checked the options: the prime goes with the first token
+        started = False
+
+        def on_text(text):
+            nonlocal started
+            if not started:
+                stream_to_stdout(prime)
+                started = True
+            stream_to_stdout(text)
+
+        model.generate(**kwargs, on_text=on_text)
+        stream_to_stdout(("" if started else prime) + "\n")  # --length 0: the prime alone
         return 0
     for i, text in enumerate(model.generate(**kwargs, num_samples=args.num_samples)):
-        stream_to_stdout(f"---- sample {i + 1} ----\n{args.prime}{text}\n")
+        stream_to_stdout(f"---- sample {i + 1} ----\n{prime}{text}\n")
     return 0
 
 
