@@ -12,6 +12,7 @@ soak is the same test with a larger n.
 Some variants need privileges (mount, chattr) and are skipped, saying why, where the machine refuses.
 """
 
+import errno
 import hashlib
 import json
 import math
@@ -646,6 +647,43 @@ def test_checkpoints_carrying_pickled_payloads_are_refused_without_running_them(
             LanguageModel.load(folder / "last.ckpt")
     assert not marker.exists()
     report("pickled payloads", refused=len(files) * 3, kinds=sorted(files), ran=False)
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hard link", "fifo"])
+def test_a_lock_file_planted_as_a_link_or_a_fifo_is_refused_and_what_it_points_to_is_untouched(
+        corpus, tmp_path, capsys, plant):
+    """The trainer writes its pid into out/.lock: through a planted link it would overwrite another
+    file (ln -s ../precious.txt out/.lock)."""
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / ".lock"
+    if plant == "symlink":
+        lock.symlink_to(os.path.join("..", "precious.txt"))
+    elif plant == "hard link":
+        os.link(precious, lock)
+    else:
+        os.mkfifo(lock)
+    assert main(["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "2", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, str(lock), "remove it or choose another --out")
+    assert precious.read_text(encoding="utf-8") == "precious"
+    assert os.listdir(out) == [".lock"]
+    report(f".lock planted as a {plant}", refused=True, target_untouched=True)
+
+
+def test_a_folder_that_cannot_be_locked_is_one_line(corpus, tmp_path, capsys, monkeypatch):
+    """A file system without flock (some NFS mounts) used to be an OSError traceback."""
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    assert main(["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "2", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, f"cannot lock {out}: No locks available")
+    assert not out.exists()
 
 
 def tree(root, skip):

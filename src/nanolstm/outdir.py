@@ -4,6 +4,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 
 from nanolstm.errors import NanolstmError
 
@@ -43,25 +44,40 @@ class OutputLock:
         self.fd = None
 
     def __enter__(self):
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise NanolstmError(f"cannot use {os.path.dirname(self.path)}: {e.strerror}; "
-                                "choose another --out") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise NanolstmError(f"{os.path.dirname(self.path)} is in use by a trainer (pid {holder}); "
-                                    "wait for it to finish or choose another --out") from None
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
         folder = os.path.dirname(self.path) or "."
-        for name in os.listdir(folder):
+        try:
+            # O_NOFOLLOW: a .lock planted as a link to another file must not get that file truncated
+            # and overwritten with our pid; O_NONBLOCK: a FIFO planted there must not hang the open
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise NanolstmError(f"{self.path} is a symbolic link, not a trainer's lock; remove it or "
+                                    "choose another --out") from None
+            raise NanolstmError(f"cannot use {folder}: {e.strerror}; choose another --out") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a FIFO, a device, a hard link
+                raise NanolstmError(f"{self.path} is not a trainer's lock (not a plain file of its own); "
+                                    "remove it or choose another --out")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+                    raise NanolstmError(f"{folder} is in use by a trainer (pid {holder}); "
+                                        "wait for it to finish or choose another --out") from None
+                raise
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            names = os.listdir(folder)
+        except OSError as e:  # no locks on this file system, no space for the pid, a folder we may not list
+            os.close(fd)
+            raise NanolstmError(f"cannot lock {folder}: {e.strerror or e}; choose another --out") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        for name in names:
             if _TEMPORARY.fullmatch(name):
                 try:
                     os.remove(os.path.join(folder, name))
