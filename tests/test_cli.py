@@ -70,6 +70,9 @@ def bad_corpora(tmp_path):
     (tmp_path / "small.txt").write_text("too small for a batch " * 5, encoding="utf-8")
     (tmp_path / "no_txt").mkdir()
     (tmp_path / "no_txt" / "notes.md").write_text("not a .txt file", encoding="utf-8")
+    (tmp_path / "prose.txt").write_text(prose(120), encoding="utf-8")
+    os.mkfifo(tmp_path / "fifo")  # read, it would block for ever
+
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -79,6 +82,15 @@ def bad_corpora(tmp_path):
     (["--data", "{tmp}/no_txt"], ["no .txt files"]),
     (["--data", "{tmp}/small.txt"], ["too small for one batch", "2049"]),
     (["--data", "{tmp}/small.txt", "--batch-size", "4", "--seq-length", "50"], ["at least", "201"]),
+    # the validation split took nearly all: the line says so, not only --batch-size and --seq-length
+    (["--data", "{tmp}/prose.txt", "--val-frac", "0.999999"], ["too small for one batch", "--val-frac 0.999999",
+                                                              "lower --val-frac"]),
+    (["--data", "{tmp}/fifo"], ["fifo", "not a regular file"]),
+    # an empty path would name the working folder: its .txt files, its last.ckpt
+    (["--data", ""], ["--data", "''"]),
+    (["--resume", ""], ["--resume", "''"]),
+    (["--out", ""], ["--out", "''"]),
+    (["--max-steps", "5", "--epochs", "1"], ["--epochs and --max-steps", "one of them"]),
     (["--hidden-size", "0"], ["--hidden-size", "positive"]),
     (["--batch-size", "-1"], ["--batch-size", "positive"]),
     (["--num-layers", "0"], ["--num-layers"]),
@@ -101,6 +113,8 @@ def test_bad_training_input_is_one_line_and_status_2(tmp_path, capsys, args, nee
     argv = ["train", *[a.format(tmp=tmp_path) for a in args], "--out", str(out), "--max-steps", "5"]
     if "--max-steps" in args:
         argv = argv[:-2]
+    if "--out" in args:
+        argv = argv[:-4] + argv[-2:]
     assert main(argv) == 2
     one_line_error(capsys, *needles)
     assert not out.exists()  # the folder made for the run goes again with the bad input
@@ -165,7 +179,8 @@ def test_unknown_prime_characters_can_be_skipped(run, capsys):
     assert out.startswith("the cat") and len(out) == len("the cat") + 25 + 1
     model = LanguageModel.load(os.path.join(run, "best.ckpt"))
     assert out[len("the cat"):-1] == model.generate(prime="the cat", length=25, seed=0)[0]
-    assert main(["sample", run, "--prime", "the ✓cat", "--unknown", "skip", "--length", "5", "--num-samples", "2"]) == 0
+    assert main(["sample", run, "--prime", "the ✓cat", "--unknown", "skip", "--length", "5",
+                 "--num-samples", "2"]) == 0
     assert capsys.readouterr().out.startswith("---- sample 1 ----\nthe cat")
 
 
@@ -195,6 +210,152 @@ def test_resume_with_options_that_do_not_fit_the_checkpoint_is_refused(run, corp
     one_line_error(capsys, "nothing.ckpt")
     after = {name: Path(run, name).read_bytes() for name in written(run)}
     assert after == before
+
+
+def snapshot(folder):
+    """The bytes of every file in folder but the lock."""
+    return {name: Path(folder, name).read_bytes() for name in written(folder) if Path(folder, name).is_file()}
+
+
+def records(folder):
+    """metrics.jsonl's records, read as strict JSON: NaN or Infinity in it fails here."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line, parse_constant=refuse) for line in f]
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(run, corpus, tmp_path, capsys):
+    old = str(tmp_path / "old")
+    shutil.copytree(run, old)
+    before = snapshot(old)
+    fresh = ["train", "--data", corpus, "--out", old, *TINY, "--max-steps", "4", "--eval-every", "2"]
+    assert main(fresh) == 2
+    one_line_error(capsys, f"{old} already holds a run", f"continue it with --resume {old}", "another --out",
+                   "--overwrite")
+    assert snapshot(old) == before
+    # with --overwrite, bad input still leaves the old run as it was
+    assert main([*fresh, "--overwrite", "--seq-length", "5000"]) == 2
+    one_line_error(capsys, "too small for one batch")
+    assert snapshot(old) == before
+    # ... and a run that starts replaces it whole: no stale best.ckpt beside a run without validation
+    assert main([*fresh, "--overwrite", "--val-frac", "0"]) == 0
+    assert written(old) == ["last.ckpt", "metrics.jsonl"]
+    assert [r["step"] for r in records(old)] == [2, 4]
+    assert checkpoint.load(os.path.join(old, "last.ckpt"))[1]["train_config"]["overwrite"] is False
+    # the new run is resumed as usual, without --overwrite
+    assert main(["train", "--resume", old, "--max-steps", "6"]) == 0
+    assert [r["step"] for r in records(old)] == [2, 4, 6]
+    # a run killed in its first evaluation has no last.ckpt: the line does not offer --resume
+    os.remove(os.path.join(old, "last.ckpt"))
+    assert main(fresh) == 2
+    one_line_error(capsys, f"{old} already holds a run that has no last.ckpt to resume", "--overwrite")
+
+
+def test_a_resume_into_a_folder_holding_another_run_is_refused(run, tmp_path, capsys):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    shutil.copytree(run, a)
+    shutil.copytree(run, b)
+    before = snapshot(b)
+    assert main(["train", "--resume", a, "--out", b, "--max-steps", "22"]) == 2
+    one_line_error(capsys, f"{b} already holds a run", "--overwrite")
+    assert snapshot(b) == before
+    # --overwrite may not remove the run it resumes
+    assert main(["train", "--resume", a, "--overwrite", "--max-steps", "22"]) == 2
+    one_line_error(capsys, "--overwrite", "drop --overwrite")
+    # its own folder, named as --out, is the same run
+    assert main(["train", "--resume", a, "--out", a, "--max-steps", "22"]) == 0
+    assert [r["step"] for r in records(a)] == [10, 20, 22]
+    # and --overwrite replaces the other run: b's log holds a's continuation alone
+    assert main(["train", "--resume", a, "--out", b, "--overwrite", "--max-steps", "24"]) == 0
+    assert [r["step"] for r in records(b)] == [24]
+    assert checkpoint.load(os.path.join(b, "last.ckpt"))[1]["step"] == 24
+
+
+def forge(path, **train_config):
+    """Rewrite the checkpoint at path with train_config's entries changed; the file stays valid."""
+    arrays, meta = checkpoint.load(path)
+    meta["train_config"].update(train_config)
+    checkpoint.save(path, arrays, meta)
+
+
+def test_options_given_on_resume_count_even_at_their_default_value(run, tmp_path, capsys, monkeypatch):
+    folder = str(tmp_path / "r")
+    shutil.copytree(run, folder)
+    forge(os.path.join(folder, "last.ckpt"), on_nan="skip")
+    before = snapshot(folder)
+    # 256 is TrainConfig's default hidden size; the checkpoint's is 32
+    assert main(["train", "--resume", folder, "--hidden-size", "256", "--max-steps", "30"]) == 2
+    one_line_error(capsys, "--hidden-size 256", "checkpoint: 32")
+    assert snapshot(folder) == before
+    # options that may change are taken at their default values too: --eval-every 250, --on-nan stop,
+    # --out out (relative to the working folder, not the checkpoint's)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", folder, "--eval-every", "250", "--on-nan", "stop", "--out", "out",
+                 "--max-steps", "22"]) == 0
+    saved = checkpoint.load(tmp_path / "out" / "last.ckpt")[1]["train_config"]
+    assert (saved["eval_every"], saved["on_nan"], saved["max_steps"]) == (250, "stop", 22)
+    assert snapshot(folder) == before
+
+
+def test_epochs_or_max_steps_given_on_resume_replaces_the_other(run, corpus, tmp_path, capsys):
+    from nanolstm.data import Batches
+    from nanolstm.train import TrainConfig, load_data
+
+    _, train_ids, _, _ = load_data(TrainConfig(data=corpus))
+    per_epoch = len(Batches(train_ids, 8, 16))
+    folder = str(tmp_path / "r")
+    shutil.copytree(run, folder)  # trained with --max-steps 20
+    assert main(["train", "--resume", folder, "--epochs", "1.5"]) == 0
+    _, meta = checkpoint.load(os.path.join(folder, "last.ckpt"))
+    assert meta["step"] == int(1.5 * per_epoch) > 20
+    assert (meta["train_config"]["epochs"], meta["train_config"]["max_steps"]) == (1.5, None)
+    assert main(["train", "--resume", folder, "--max-steps", str(meta["step"] + 2)]) == 0
+    _, again = checkpoint.load(os.path.join(folder, "last.ckpt"))
+    assert again["step"] == meta["step"] + 2
+    assert (again["train_config"]["epochs"], again["train_config"]["max_steps"]) == (None, meta["step"] + 2)
+    assert main(["train", "--resume", folder, "--max-steps", "5", "--epochs", "9"]) == 2
+    one_line_error(capsys, "--epochs and --max-steps")
+
+
+def test_a_run_resumes_from_another_folder_and_after_its_corpus_moved(corpus, tmp_path, capsys, monkeypatch):
+    (tmp_path / "data").mkdir()
+    shutil.copy(corpus, tmp_path / "data" / "prose.txt")
+    out = str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "data")
+    assert main(["train", "--data", "prose.txt", "--out", out, *TINY, "--max-steps", "4", "--eval-every", "2"]) == 0
+    last = os.path.join(out, "last.ckpt")
+    assert checkpoint.load(last)[1]["train_config"]["data"] == str(tmp_path / "data" / "prose.txt")
+    monkeypatch.chdir(tmp_path)  # the relative path given no longer names the corpus from here
+    assert main(["train", "--resume", out, "--max-steps", "6"]) == 0
+    os.rename(tmp_path / "data" / "prose.txt", tmp_path / "moved.txt")
+    before = snapshot(out)
+    assert main(["train", "--resume", out, "--max-steps", "8"]) == 2
+    one_line_error(capsys, str(tmp_path / "data" / "prose.txt"), "pass --data with that corpus")
+    assert snapshot(out) == before
+    # --data may change on resume: the corpus is known by its SHA-256
+    assert main(["train", "--resume", out, "--max-steps", "8", "--data", "moved.txt"]) == 0
+    _, meta = checkpoint.load(last)
+    assert meta["step"] == 8 and meta["train_config"]["data"] == str(tmp_path / "moved.txt")
+    Path("other.txt").write_text(prose(120, seed=1), encoding="utf-8")
+    before = snapshot(out)
+    assert main(["train", "--resume", out, "--max-steps", "10", "--data", "other.txt"]) == 2
+    one_line_error(capsys, "corpus differs", "pass --data with the corpus the run was trained on")
+    assert snapshot(out) == before
+
+
+def test_without_a_validation_split_the_run_says_so_and_logs_strict_json(corpus, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    loud = [a for a in TINY if a != "--quiet"]
+    assert main(["train", "--data", corpus, "--out", out, *loud, "--val-frac", "0", "--max-steps", "4",
+                 "--eval-every", "2"]) == 0
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line == f"done: step 4, no validation split (--val-frac 0); sample with: nanolstm sample {out}"
+    assert [r["val_loss"] for r in records(out)] == [None, None]  # null, not NaN
+    # and null reads back on resume
+    assert main(["train", "--resume", out, "--max-steps", "6"]) == 0
+    assert [r["val_loss"] for r in records(out)] == [None, None, None]
 
 
 def test_an_output_folder_held_by_a_live_trainer_is_refused(corpus, tmp_path, capsys):

@@ -188,7 +188,9 @@ def test_kill_9_at_random_moments_and_inside_writes_loses_nothing(corpus, refere
     reference, run_seconds = reference
     n_random = int(os.environ.get("NANOLSTM_KILLS", 24))
     rng = random.Random(20240605)
-    fresh = ["--data", corpus, *TINY, "--max-steps", STEPS, "--eval-every", 1, "--quiet"]
+    # a run killed in its first evaluation leaves best.ckpt and metrics.jsonl but no last.ckpt to resume:
+    # the next starts afresh in its place
+    fresh = ["--data", corpus, *TINY, "--max-steps", STEPS, "--eval-every", 1, "--quiet", "--overwrite"]
     snapshots, steps_seen = [], set()
     figures = dict(kills=0, before_first_checkpoint=0, mid_checkpoint_write=0, mid_metrics_write=0,
                    targeted_mid_write=0, runs_that_finished_first=0)
@@ -488,6 +490,103 @@ def test_a_damaged_metrics_log_stops_a_resume_with_one_line(corpus, tmp_path, ca
     one_error_line(capsys.readouterr().err, "metrics.jsonl is damaged")
 
 
+def test_a_metrics_log_that_is_a_folder_is_one_line_and_the_run_stays(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "4", "--eval-every", "2",
+                 "--quiet"]) == 0
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").mkdir()
+    before = {n: (out / n).read_bytes() for n in ("last.ckpt", "best.ckpt")}
+    assert main(["train", "--resume", str(out), "--max-steps", "6"]) == 2
+    one_error_line(capsys.readouterr().err, f"cannot read {out}/metrics.jsonl: Is a directory", "move it away")
+    fresh = ["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "4", "--quiet"]
+    assert main(fresh) == 2
+    one_error_line(capsys.readouterr().err, "already holds a run")
+    assert main([*fresh, "--overwrite"]) == 2  # refused before any of the old run's files goes
+    one_error_line(capsys.readouterr().err, f"{out}/metrics.jsonl is a folder", "move it away")
+    assert {n: (out / n).read_bytes() for n in ("last.ckpt", "best.ckpt")} == before
+
+
+@pytest.mark.parametrize("record", ['{"step": 2, "val_loss": 3.0}', '{"step": "2", "train_loss": 1.0, "val_loss": 1.0}',
+                                    '{"step": 2, "train_loss": "low", "val_loss": 1.0}', '[2, 1.0, 1.0]', '"\\ud800"'])
+def test_a_metrics_record_the_trainer_did_not_write_stops_a_plotted_resume_with_one_line(
+        corpus, tmp_path, capsys, record):
+    """A record without train_loss was a KeyError in plot_history, after the checks."""
+    out = tmp_path / "out"
+    plotted = [a for a in TINY if a != "--no-plot"]
+    assert main(["train", "--data", corpus, "--out", str(out), *plotted, "--max-steps", "4", "--eval-every", "2",
+                 "--quiet"]) == 0
+    Path(out, "metrics.jsonl").write_text(record + "\n", encoding="utf-8")
+    before = {n: (out / n).read_bytes() for n in ("last.ckpt", "best.ckpt", "loss.png")}
+    assert main(["train", "--resume", str(out), "--max-steps", "6"]) == 2
+    one_error_line(capsys.readouterr().err, "metrics.jsonl is damaged", "line 1", "move it away")
+    assert {n: (out / n).read_bytes() for n in before} == before
+
+
+def test_an_unreadable_corpus_folder_is_one_line_and_leaves_no_output_folder(corpus, tmp_path, capsys, monkeypatch):
+    """chmod 000 on the corpus folder was a PermissionError traceback, and the new --out folder was
+    left holding only .lock. Raised by hand: root, which CI may run as, ignores permissions."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    shutil.copy(corpus, folder / "a.txt")
+    iterdir = Path.iterdir
+
+    def denied(self):
+        if self == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(folder), "--out", str(out), *TINY, "--max-steps", "2", "--quiet"]) == 2
+    one_error_line(capsys.readouterr().err, str(folder), "Permission denied")
+    assert not out.exists()
+
+
+def test_ctrl_c_while_the_corpus_loads_leaves_no_output_folder(corpus, tmp_path, capsys, monkeypatch):
+    def interrupted(path):  # Ctrl-C lands while a large corpus is read
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules["nanolstm.train"], "read_corpus", interrupted)
+    out = tmp_path / "out"
+    assert main(["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "2", "--quiet"]) == 130
+    assert not out.exists()
+
+
+def test_a_preview_stdout_cannot_encode_is_printed_escaped(tmp_path):
+    """Under PYTHONIOENCODING=ascii (or a C locale) the preview of a non-ASCII corpus was a
+    UnicodeEncodeError."""
+    data = tmp_path / "unicode.txt"
+    data.write_text("café über naïve 日本語の文 " * 400, encoding="utf-8")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "nanolstm", "train", "--data", str(data), "--out", str(out), *TINY,
+                           "--max-steps", "4", "--eval-every", "2", "--sample-length", "200"],
+                          env={**ENV, "PYTHONIOENCODING": "ascii"}, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("ascii", "replace")
+    stdout = done.stdout.decode("ascii")
+    assert stdout.count("---- sample ----") == 2 and ("\\x" in stdout or "\\u" in stdout), stdout
+    assert stdout.splitlines()[-1].startswith("done: step 4")
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_run(corpus, tmp_path):
+    """`nanolstm train ... | head -2`: the run used to stop at its next line, with status 0 and no
+    checkpoint of the steps it had made. It goes on quietly to its end."""
+    out = tmp_path / "out"
+    # the pause at each evaluation makes sure that lines come after the reader has gone
+    p = nanolstm("--data", corpus, "--out", out, *TINY, "--max-steps", 20, "--eval-every", 5,
+                 env={"NANOLSTM_TEST_PAUSE": "evaluate:0.3"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                 text=True)
+    assert p.stdout.readline().startswith("nanolstm: lstm")
+    p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read()
+    p.stderr.close()
+    assert p.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert checkpoint.load(out / "last.ckpt")[1]["step"] == 20
+    report("stdout reader gone (| head -2)", status=0, run_completed=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # NaN and infinity
 
@@ -536,6 +635,31 @@ def test_an_absurd_learning_rate_is_stopped_at_the_step_it_diverges(corpus, tmp_
     assert skipped >= 1 and assert_loadable_checkpoints(tmp_path / "skip") is not None
     report("NaN from lr 1e37 (SGD, no clipping)", stopped_at_step=step, last_good_checkpoint_step=saved,
            skip_mode_skipped=skipped, lr_1e6="finite")
+
+
+def test_an_evaluation_interval_whose_updates_were_all_skipped_logs_no_train_loss(corpus, tmp_path):
+    """It logged train loss 0.0000; and metrics.jsonl held NaN, which is not JSON."""
+    good = nan_config(tmp_path, corpus, "good", optimizer="adam", lr=1e-2, eval_every=5, max_steps=10)
+    train(good)
+    last = os.path.join(good.out, "last.ckpt")
+    arrays, meta = checkpoint.load(last)
+    arrays["carry.0"][0, 1, 2] = np.nan  # poisons step 11 alone: its state is dropped after it
+    checkpoint.save(last, arrays, meta)
+
+    def records():
+        def refuse(constant):
+            raise ValueError(f"{constant} is not JSON")
+
+        with open(os.path.join(good.out, "metrics.jsonl"), encoding="utf-8") as f:
+            return {r["step"]: r for r in (json.loads(line, parse_constant=refuse) for line in f)}
+
+    assert main(["train", "--resume", good.out, "--max-steps", "12", "--eval-every", "1", "--on-nan", "skip"]) == 0
+    logged = records()
+    assert logged[11]["train_loss"] is None and logged[11]["skipped_steps"] == 1
+    assert math.isfinite(logged[12]["train_loss"])
+    # null reads back on resume, and is written back as null
+    assert main(["train", "--resume", good.out, "--max-steps", "13", "--eval-every", "1"]) == 0
+    assert records()[11]["train_loss"] is None and sorted(records()) == [5, 10, 11, 12, 13]
 
 
 def poisoned(source, target, poison):
@@ -604,6 +728,27 @@ def test_an_infinite_weight_is_caught_exactly_at_the_batches_that_use_it(corpus,
     assert {n: Path(good.out, n).read_bytes() for n in good_files} == good_files
     report("infinite embedding row", stopped_at_step=bad_steps[0], skip_mode_skipped=len(bad_steps),
            good_checkpoint_replaced=False)
+
+
+@pytest.mark.parametrize("where, value", [
+    (("optimizer", "steps"), -1), (("optimizer", "steps"), -3), (("optimizer", "steps"), 5), (("step",), -1),
+    (("interval",), [0.0, -1, 0]), (("interval",), [-1.0, 0, 0]), (("interval",), [0.0, 0, 99]),
+    (("interval",), [float("nan"), 0, 0]), (("best_val_loss",), -1.0), (("best_val_loss",), float("nan")),
+])
+def test_a_forged_step_count_or_interval_is_refused_in_one_line(corpus, tmp_path, capsys, where, value):
+    """Valid hashes around counts no run writes: Adam's bias correction 1 - beta**steps divided by zero
+    (steps -1) or took the square root of a negative number (steps -3)."""
+    out = tmp_path / "out"
+    assert main(["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "4", "--eval-every", "4",
+                 "--quiet"]) == 0
+    arrays, meta = checkpoint.load(out / "last.ckpt")
+    target = meta
+    for key in where[:-1]:
+        target = target[key]
+    target[where[-1]] = value
+    checkpoint.save(out / "last.ckpt", arrays, meta)
+    assert main(["train", "--resume", str(out), "--max-steps", "8"]) == 2
+    one_error_line(capsys.readouterr().err, "last.ckpt: cannot be resumed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,8 +855,8 @@ def test_nothing_is_written_outside_out_whatever_the_checkpoint_or_corpus_names(
     out = work / "out"
     before = tree(tmp_path, out)
     args = ["--data", data, "--out", out, *TINY, "--max-steps", 6, "--eval-every", 3]
-    for level in ("char", "word"):
-        done = subprocess.run([sys.executable, "-m", "nanolstm", "train", *map(str, args), "--level", level],
+    for level, replace in (("char", []), ("word", ["--overwrite"])):
+        done = subprocess.run([sys.executable, "-m", "nanolstm", "train", *map(str, args), "--level", level, *replace],
                               cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
     assert tree(tmp_path, out) == before  # not a byte outside out, not even in the working folder

@@ -11,6 +11,7 @@ import pytest
 
 from nanolstm import LanguageModel, TrainConfig, checkpoint
 from nanolstm.data import Batches
+from nanolstm.errors import NanolstmError
 from nanolstm.train import Interrupted, load_data, train
 
 METRIC_KEYS = {"step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s", "elapsed_s"}
@@ -168,3 +169,38 @@ def test_a_finished_run_extended_with_resume_is_bit_identical(tmp_path):
     train(b)
     train(TrainConfig(resume=os.path.join(b.out, "last.ckpt"), max_steps=RESUME["max_steps"], quiet=True))
     assert_same_checkpoint(os.path.join(a.out, "last.ckpt"), os.path.join(b.out, "last.ckpt"))
+
+
+def test_from_python_an_option_counts_as_given_when_it_differs_from_the_default_or_is_named(tmp_path):
+    config = tiny(tmp_path, english(3000), max_steps=4, eval_every=2)
+    train(config)
+    # hidden_size=256 is the default: from Python, without `given`, it cannot be told from one left alone
+    result = train(TrainConfig(resume=config.out, hidden_size=256, max_steps=6, quiet=True))
+    assert result.step == 6
+    with pytest.raises(NanolstmError, match="--hidden-size 256 .checkpoint: 32."):
+        train(TrainConfig(resume=config.out, hidden_size=256, max_steps=8), given={"resume", "hidden_size"})
+    # a resumable option named in `given` is taken even at its default value
+    train(TrainConfig(resume=config.out, eval_every=250, max_steps=8), given={"resume", "eval_every", "max_steps"})
+    assert checkpoint.load(os.path.join(config.out, "last.ckpt"))[1]["train_config"]["eval_every"] == 250
+
+
+def test_adamw_decays_weights_by_default_and_older_runs_resume_with_what_they_had(tmp_path):
+    """AdamW without weight decay is Adam: PyTorch's AdamW and optim.AdamW default to 1e-2."""
+    (tmp_path / "adam").mkdir()
+    adam = tiny(tmp_path / "adam", english(3000), max_steps=2, eval_every=2)
+    train(adam)
+    assert checkpoint.load(os.path.join(adam.out, "last.ckpt"))[1]["train_config"]["weight_decay"] == 0.0
+    config = tiny(tmp_path, english(3000), optimizer="adamw", max_steps=2, eval_every=2)
+    train(config)
+    last = os.path.join(config.out, "last.ckpt")
+    assert checkpoint.load(last)[1]["train_config"]["weight_decay"] == 0.01
+    # given as the default it resolves to, it fits the checkpoint
+    train(TrainConfig(resume=config.out, weight_decay=0.01, max_steps=4, quiet=True))
+    # a run from before the default changed says 0.0 in its checkpoint: it resumes with 0.0, as it trained
+    arrays, meta = checkpoint.load(last)
+    meta["train_config"]["weight_decay"] = 0.0
+    checkpoint.save(last, arrays, meta)
+    train(TrainConfig(resume=config.out, max_steps=6, quiet=True))
+    assert checkpoint.load(last)[1]["train_config"]["weight_decay"] == 0.0
+    with pytest.raises(NanolstmError, match="--weight-decay 0.01 .checkpoint: 0.0."):
+        train(TrainConfig(resume=config.out, weight_decay=0.01, max_steps=8))

@@ -6,6 +6,7 @@ line on stderr and status 2; a run stopped by a signal, 128 + the signal's numbe
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -32,6 +33,9 @@ def _train_parser(sub):
     a("--data", help="UTF-8 text file or folder of .txt files (default: Python's own help texts)")
     a("--out", help="output folder for checkpoints, metrics.jsonl and loss.png (default: out)")
     a("--resume", metavar="DIR|FILE", help="continue the run saved in DIR/last.ckpt or FILE")
+    a("--overwrite", action="store_true", default=None,
+      help="replace the run that --out holds (its checkpoints, metrics.jsonl and loss.png), once the new run "
+           "has checked its input; without it such a folder is refused")
     a("--level", choices=["char", "word"], help="model characters (default) or words")
     a("--min-count", type=int, help="words seen fewer times become <unk> (default 1)")
     a("--model", choices=["lstm", "gru", "rnn"], help="recurrent layer (default lstm)")
@@ -51,9 +55,11 @@ def _train_parser(sub):
     a("--min-lr", type=float, help="final learning rate of the cosine schedule (default 0)")
     a("--grad-clip", type=float, help="clip gradients to this global norm, 0 for none (default 5)")
     a("--grad-clip-value", type=float, help="clip each gradient entry to +-this instead")
-    a("--weight-decay", type=float, help="(default 0)")
+    a("--weight-decay", type=float, help="decoupled for adamw, added to the gradient (L2) for the others "
+                                         "(default 1e-2 for adamw, as PyTorch's AdamW; 0 for the others)")
     a("--max-steps", type=int, help="updates to make (default 1500)")
-    a("--epochs", type=float, help="passes over the training split, instead of --max-steps")
+    a("--epochs", type=float, help="passes over the training split, instead of --max-steps (on --resume, "
+                                   "either replaces the other)")
     a("--eval-every", type=int, help="steps between evaluations and checkpoints (default 250)")
     a("--sample-length", type=int, help="length of the preview at each evaluation, 0 for none, at most 1,000,000 "
                                        "(default 200)")
@@ -95,20 +101,27 @@ def build_parser():
 
 
 def run_train(args):
-    from nanolstm.train import Interrupted, TrainConfig, train
+    from nanolstm.train import Interrupted, TrainConfig, print_stdout, train
 
+    # only the flags given: --resume takes them or checks them against the checkpoint, even when a
+    # value is the default
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     config = TrainConfig(**given)
     try:
-        result = train(config)
+        result = train(config, given=set(given))
     except Interrupted as e:
         print(f"\nnanolstm: {e}\nresume with: nanolstm train --resume {os.path.dirname(e.path) or '.'}",
               file=sys.stderr)
         return 128 + e.signum
-    if not (config.quiet or False):
-        print(f"done: step {result.step}, best validation loss {result.best_val_loss:.4f} nats; "
-              f"sample with: nanolstm sample {result.out}")
+    if not config.quiet:
+        if result.val_tokens == 0:
+            validation = "no validation split (--val-frac 0)"
+        elif math.isinf(result.best_val_loss):
+            validation = "no evaluation yet"
+        else:
+            validation = f"best validation loss {result.best_val_loss:.4f} nats"
+        print_stdout(f"done: step {result.step}, {validation}; sample with: nanolstm sample {result.out}")
     return 0
 
 

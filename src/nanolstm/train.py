@@ -20,7 +20,7 @@ import numpy as np
 
 from nanolstm import checkpoint, optim
 from nanolstm.data import Batches, Vocab, default_corpus, encode_chars, read_corpus, split_ids
-from nanolstm.errors import CheckpointError, NanolstmError
+from nanolstm.errors import CheckpointError, DataError, NanolstmError
 from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
 from nanolstm.model import LanguageModel, ModelConfig, check_fits
 from nanolstm.outdir import OutputLock, write_atomic
@@ -54,7 +54,7 @@ class TrainConfig:
     min_lr: float = 0.0
     grad_clip: float = 5.0  # by global norm; 0 turns it off
     grad_clip_value: float = None  # by value, instead of by norm
-    weight_decay: float = 0.0
+    weight_decay: float = None  # None: the optimizer's own, 1e-2 for adamw (as PyTorch's AdamW), 0 for the others
     max_steps: int = None  # default: 1500, unless epochs is given
     epochs: float = None
     eval_every: int = 250
@@ -65,6 +65,7 @@ class TrainConfig:
     quiet: bool = False
     plot: bool = True
     resume: str = None  # a checkpoint, or a folder holding last.ckpt
+    overwrite: bool = False  # replace the run that out holds, instead of refusing to start
 
     def validate(self):
         """Raise NanolstmError, one line, for any option that is not of its kind and range. The values
@@ -108,27 +109,35 @@ class TrainConfig:
             raise NanolstmError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
         if self.epochs is not None and not (is_real(self.epochs) and self.epochs > 0):
             raise NanolstmError(f"--epochs must be positive, got {self.epochs!r}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise NanolstmError("--epochs and --max-steps both say when to stop; pass one of them")
         for name in ("grad_clip", "weight_decay", "min_lr"):
             v = getattr(self, name)
-            if not (is_real(v) and v >= 0):
+            if not (is_real(v) and v >= 0) and not (name == "weight_decay" and v is None):
                 raise NanolstmError(f"{flag(name)} must be a number >= 0, got {v!r}")
         for name in ("lr_gamma", "grad_clip_value"):
             v = getattr(self, name)
             if not (is_real(v) and v > 0) and not (name == "grad_clip_value" and v is None):
                 raise NanolstmError(f"{flag(name)} must be a positive number, got {v!r}")
+        # an empty path would name the working folder: its .txt files as the corpus, its last.ckpt
         for name in ("data", "resume"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise NanolstmError(f"{flag(name)} must be a path, got {getattr(self, name)!r}")
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v):
+                raise NanolstmError(f"{flag(name)} must be a path, got {v!r}")
         if not (isinstance(self.out, str) and self.out):
             raise NanolstmError(f"--out must be a folder name, got {self.out!r}")
-        if not (isinstance(self.quiet, bool) and isinstance(self.plot, bool)):
-            raise NanolstmError(f"quiet and plot must be true or false, got {self.quiet!r}, {self.plot!r}")
+        for name in ("quiet", "plot", "overwrite"):
+            if not isinstance(getattr(self, name), bool):
+                raise NanolstmError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
 
 # Options that may differ between a checkpoint and the run that resumes it: they change neither the
-# model nor the sequence of updates that came before.
+# model nor the sequence of updates that came before. The corpus may move: its SHA-256 is checked.
 RESUMABLE = {"out", "max_steps", "epochs", "eval_every", "sample_length", "quiet", "plot", "resume",
-             "on_nan"}
+             "overwrite", "on_nan", "data"}
+
+# The files of a run in its folder; the first three mean the folder holds a run
+RUN_FILES = ("last.ckpt", "best.ckpt", "metrics.jsonl", "loss.png")
 
 
 class Interrupted(Exception):
@@ -149,6 +158,7 @@ class TrainResult:
     val_loss: float
     best_val_loss: float
     out: str
+    val_tokens: int = 0  # 0: there was no validation split
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,31 +171,49 @@ def resolve_checkpoint(path):
     return path
 
 
-def resumed_config(config):
-    """The configuration stored in config.resume's checkpoint, with the options that may change taken
-    from config. An option set to something other than its default that disagrees with the checkpoint
-    is refused, and so is a checkpoint that lacks anything a resume restores.
+def given_options(config):
+    """The options of config that differ from TrainConfig's defaults: what counts as given when the
+    caller does not say (an option set to its default value cannot be told from one left alone)."""
+    defaults = TrainConfig()
+    return {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(defaults, f.name)}
 
-    The run resumes into the folder that holds the checkpoint, or into config.out if one was given;
+
+def resumed_config(config, given=None):
+    """The configuration stored in config.resume's checkpoint, with the options that may change taken
+    from config. given is the set of option names set explicitly; the command line passes the flags
+    it was given. Without it, an option counts as given when its value differs from TrainConfig's
+    default, so one set to its default value is not taken. A given option that may not change and
+    disagrees with the checkpoint is refused, and so is a checkpoint that lacks anything a resume
+    restores. --epochs and --max-steps both say when the run ends: the one given replaces the other.
+
+    The run resumes into the folder that holds the checkpoint, or into config.out if it was given;
     never into the folder named inside the checkpoint, which may have been copied from elsewhere."""
+    if given is None:
+        given = given_options(config)
     path = resolve_checkpoint(config.resume)
     arrays, meta = checkpoint.load(path)
     if not isinstance(meta.get("train_config"), dict):
         raise CheckpointError(f"{path}: holds a model but no training state; it cannot be resumed")
     saved = dict(meta["train_config"])
-    defaults = TrainConfig()
+    # what to do with this invocation is never the checkpoint's to say
+    saved["resume"], saved["overwrite"] = config.resume, config.overwrite
+    if "epochs" in given:
+        saved["max_steps"] = None
+    elif "max_steps" in given or saved.get("max_steps") is not None:  # an older run may hold both: max_steps won
+        saved["epochs"] = None
     clashes = []
     for field in dataclasses.fields(TrainConfig):
         name, value = field.name, getattr(config, field.name)
+        if name not in given or name in ("resume", "overwrite"):
+            continue
         if name in RESUMABLE:
-            if value != getattr(defaults, name) or name == "resume":
-                saved[name] = value
-        elif value != getattr(defaults, name) and value != saved.get(name):
+            saved[name] = value
+        elif value != saved.get(name):
             clashes.append(f"--{name.replace('_', '-')} {value} (checkpoint: {saved.get(name)})")
     if clashes:
         raise NanolstmError(f"--resume: options do not fit the checkpoint {path}: {'; '.join(clashes)}; "
                             "drop them or start a new run")
-    if config.out == defaults.out:  # resume into the checkpoint's own folder unless told otherwise
+    if "out" not in given:  # resume into the checkpoint's own folder unless told otherwise
         saved["out"] = os.path.dirname(os.path.abspath(path))
     try:
         resumed = TrainConfig(**saved)
@@ -195,6 +223,9 @@ def resumed_config(config):
         detail = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: cannot be resumed ({type(e).__name__}: {detail}); "
                               "use another checkpoint") from None
+    if "data" not in given and resumed.data is not None and not os.path.exists(resumed.data):
+        raise NanolstmError(f"--resume: the corpus {resumed.data} that the run was trained on is not there; "
+                            "pass --data with that corpus")
     return resumed, arrays, meta
 
 
@@ -217,19 +248,37 @@ def _check_resumable(config, arrays, meta):
     state_shape = (config.num_layers, config.batch_size, config.hidden_size)
     if carried not in ([], parts) or any(arrays[k].shape != state_shape for k in carried):
         raise ValueError("the carried hidden state does not fit the model")
-    opt = meta["optimizer"]
-    numbers = [meta["best_val_loss"], *meta.get("interval", [0.0, 0, 0])]
-    if not (type(meta["step"]) is int and meta["step"] >= 0 and type(opt["steps"]) is int
-            and len(numbers) == 4 and all(type(v) in (int, float) for v in [opt["lr"], *numbers])
-            and isinstance(meta["corpus_sha256"], str)):
-        raise ValueError("step, optimizer, best_val_loss, interval or corpus_sha256 is malformed")
+    # counts from 0 to the step (Adam divides by 1 - beta**steps), losses >= 0 (best may be inf)
+    step, opt, best = meta["step"], meta["optimizer"], meta["best_val_loss"]
+    interval = meta.get("interval", [0.0, 0, 0])
+    if not (type(step) is int and step >= 0):
+        raise ValueError(f"step {step!r} is not an integer >= 0")
+
+    def count(v):
+        return type(v) is int and 0 <= v <= step
+
+    def loss(v):
+        return type(v) in (int, float) and v >= 0
+
+    if not (isinstance(opt, dict) and count(opt["steps"]) and type(opt["lr"]) in (int, float)):
+        raise ValueError("the optimizer's steps must be an integer from 0 to the step, and its lr a number")
+    if not (isinstance(interval, list) and len(interval) == 3 and loss(interval[0]) and math.isfinite(interval[0])
+            and count(interval[1]) and count(interval[2])):
+        raise ValueError("interval must be a finite loss >= 0 and two counts from 0 to the step")
+    if not (loss(best) and isinstance(meta["corpus_sha256"], str)):
+        raise ValueError("best_val_loss or corpus_sha256 is malformed")
     np.random.default_rng().bit_generator.state = meta["rng"]  # raises unless it is a valid state
 
 
-def load_data(config, vocab=None):
-    """Read and encode the corpus. Returns (vocab, train ids, val ids, corpus fingerprint)."""
+def load_data(config, vocab=None, corpus_sha256=None):
+    """Read and encode the corpus. Returns (vocab, train ids, val ids, corpus fingerprint). A resume
+    gives the fingerprint of its corpus, so that another corpus is refused as such, before its
+    characters or its size are."""
     text = read_corpus(config.data) if config.data is not None else default_corpus()
     fingerprint = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    if corpus_sha256 is not None and fingerprint != corpus_sha256:
+        raise NanolstmError("--resume: the corpus differs from the one the checkpoint was trained on; "
+                            "pass --data with the corpus the run was trained on")
     if config.level == "char":
         ids, vocab = encode_chars(text, vocab)
     else:
@@ -271,13 +320,19 @@ def bits(nats):
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config, log=None):
+def train(config, log=None, given=None):
     """Train a language model as config says; returns a TrainResult. Raises NanolstmError for bad
-    input, Diverged for a loss that became NaN, and Interrupted after a signal."""
-    meta, arrays = None, None
+    input, Diverged for a loss that became NaN, and Interrupted after a signal.
+
+    log, if given, is called with each line of progress instead of printing it. given is the set of
+    option names set explicitly, which --resume takes or checks against the checkpoint (see
+    resumed_config); without it, an option counts as given when its value differs from the default.
+    A folder that holds another run is refused unless config.overwrite says to replace it."""
+    meta, arrays, resumed_from = None, None, None
     config.validate()
-    if config.resume:
-        config, arrays, meta = resumed_config(config)
+    if config.resume is not None:
+        resumed_from = os.path.dirname(os.path.abspath(resolve_checkpoint(config.resume)))
+        config, arrays, meta = resumed_config(config, given)
     created = not os.path.exists(config.out)
     try:
         os.makedirs(config.out, exist_ok=True)
@@ -286,11 +341,12 @@ def train(config, log=None):
                             "choose another --out") from None
     try:
         with OutputLock(config.out):
+            _check_out_folder(config, resumed_from)
             return _train_locked(config, arrays, meta, log)
-    except NanolstmError:
-        # bad input found before anything was written: leave no trace of the folder we made for it.
-        # Only a tidying: the folder may be going away under us (removed while we ran), and then the
-        # error to report is still the one that stopped the run.
+    except (NanolstmError, KeyboardInterrupt):
+        # bad input, or Ctrl-C while a large corpus loads, before anything was written: leave no trace
+        # of the folder we made for it. Only a tidying: the folder may be going away under us (removed
+        # while we ran), and then the error to report is still the one that stopped the run.
         if created:
             try:
                 if os.listdir(config.out) == [".lock"]:
@@ -301,17 +357,85 @@ def train(config, log=None):
         raise
 
 
+def _check_out_folder(config, resumed_from):
+    """Refuse a folder that holds another run: a fresh run would overwrite its checkpoints and leave
+    a stale best.ckpt, and a resume would mix the two logs. --overwrite replaces that run, but not the
+    one being resumed."""
+    try:
+        own = resumed_from is not None and os.path.samefile(config.out, resumed_from)
+    except OSError:  # the checkpoint's folder is gone or unreadable: it is not this one
+        own = False
+    if own:
+        if config.overwrite:
+            raise NanolstmError(f"--overwrite would remove the run that --resume continues in {config.out}; "
+                                "drop --overwrite")
+        return
+    if config.overwrite or not any(os.path.lexists(os.path.join(config.out, n)) for n in RUN_FILES[:3]):
+        return
+    if not os.path.lexists(os.path.join(config.out, "last.ckpt")):  # killed in its first evaluation
+        raise NanolstmError(f"{config.out} already holds a run that has no last.ckpt to resume; choose another "
+                            "--out, or pass --overwrite to replace it")
+    raise NanolstmError(f"{config.out} already holds a run; continue it with --resume {config.out}, "
+                        "choose another --out, or pass --overwrite to replace it")
+
+
+def _remove_replaced_run(folder):
+    """With --overwrite, the files of the run that folder held, removed once the new run has checked
+    its input and built its model: bad input still leaves them as they were."""
+    for name in RUN_FILES:  # a folder under one of the names would fail half-way through: none goes
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise NanolstmError(f"{path} is a folder; move it away to replace the run in {folder}")
+    for name in RUN_FILES:
+        path = os.path.join(folder, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise NanolstmError(f"cannot remove {path} of the run being replaced: {e.strerror or e}; "
+                                "move it away or choose another --out") from None
+
+
+def print_stdout(text):
+    """Print a line on stdout as well as it can show it: characters its encoding lacks (a non-ASCII
+    preview under PYTHONIOENCODING=ascii) as backslash escapes. Once the reader has gone (| head),
+    what follows goes to os.devnull, so that a training run still ends with its checkpoints."""
+    try:
+        print(_printable(text, sys.stdout), flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())  # the buffer's unwritten rest goes there too
+        except (OSError, ValueError, AttributeError):  # no file behind stdout (a test's capture)
+            sys.stdout = open(os.devnull, "w")
+        finally:
+            os.close(devnull)
+
+
+def _printable(text, stream):
+    """text, with what stream's encoding cannot show as backslash escapes."""
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text.encode(encoding)
+    except UnicodeEncodeError:
+        return text.encode(encoding, "backslashreplace").decode(encoding)
+    return text
+
+
 def _train_locked(config, arrays, meta, log):
     stdout_tty = sys.stdout.isatty()
-    say = log or (lambda msg: None if config.quiet else print(msg, flush=True))
+    say = log or (lambda msg: None if config.quiet else print_stdout(msg))
     dtype = np.dtype(config.dtype)
 
     # ---- data
     vocab = Vocab.from_json(meta["vocab"]) if meta else None
-    vocab, train_ids, val_ids, fingerprint = load_data(config, vocab)
-    if meta and meta["corpus_sha256"] != fingerprint:
-        raise NanolstmError("--resume: the corpus differs from the one the checkpoint was trained on; "
-                            "pass the same --data")
+    vocab, train_ids, val_ids, fingerprint = load_data(config, vocab, meta["corpus_sha256"] if meta else None)
+    need = Batches.min_tokens(config.batch_size, config.seq_length)
+    if len(val_ids) and len(train_ids) < need:  # the split took it: say so
+        raise DataError(f"corpus too small for one batch: the training split has {len(train_ids)} tokens "
+                        f"once --val-frac {config.val_frac} kept {len(val_ids)} for validation, need at least "
+                        f"batch_size*seq_length+1 = {need}; lower --val-frac, --batch-size or --seq-length")
     batches = Batches(train_ids, config.batch_size, config.seq_length)
     if config.val_frac > 0 and len(val_ids) < 2:
         raise NanolstmError("the validation split is empty; raise --val-frac or use a larger corpus")
@@ -328,7 +452,9 @@ def _train_locked(config, arrays, meta, log):
     _check_memory(model_config, dtype)
     model = LanguageModel(model_config, vocab, seed=config.seed, dtype=dtype)
     params, grads = model.state_dict(), model.named_grads()
-    opt_kwargs = {"lr": config.lr, "weight_decay": config.weight_decay}
+    opt_kwargs = {"lr": config.lr}
+    if config.weight_decay is not None:  # None: the optimizer's own default, 1e-2 for AdamW, else 0
+        opt_kwargs["weight_decay"] = config.weight_decay
     opt = optim.OPTIMIZERS[config.optimizer](params, grads, **opt_kwargs)
     step, best_val, state = 0, math.inf, None
     if meta:
@@ -344,8 +470,6 @@ def _train_locked(config, arrays, meta, log):
     last_path = os.path.join(config.out, "last.ckpt")
     best_path = os.path.join(config.out, "best.ckpt")
     metrics_path = os.path.join(config.out, "metrics.jsonl")
-    if not meta and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run in an old folder starts a fresh log
 
     def save(path):
         if not all(np.all(np.isfinite(p)) for p in params.values()):
@@ -358,13 +482,17 @@ def _train_locked(config, arrays, meta, log):
             parts = state if isinstance(state, tuple) else (state,)
             m_arrays.update({f"carry.{i}": s for i, s in enumerate(parts)})
         train_config = dataclasses.asdict(config)
-        train_config["resume"] = None
+        # absolute, so that the run resumes from any working folder; the weight decay that was used
+        train_config.update(resume=None, overwrite=False, weight_decay=opt.weight_decay,
+                            data=None if config.data is None else os.path.abspath(config.data))
         m_meta.update({"train_config": train_config, "step": step, "optimizer": o_scalars,
                        "rng": model.rng.bit_generator.state, "best_val_loss": best_val,
                        "interval": [interval_loss, interval_steps, skipped],
                        "corpus_sha256": fingerprint})
         checkpoint.save(path, m_arrays, m_meta)
 
+    if config.overwrite:
+        _remove_replaced_run(config.out)
     history = _read_metrics(metrics_path, step) if meta else []
 
     # ---- signals: finish the step under way, then save and stop
@@ -382,7 +510,9 @@ def _train_locked(config, arrays, meta, log):
             tqdm = None
         if tqdm is not None:
             bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True)
-            say = bar.write
+
+            def say(msg):
+                bar.write(_printable(msg, sys.stdout))
 
     say(f"nanolstm: {config.model} {config.num_layers}x{config.hidden_size}, "
         f"{model.num_parameters():,} parameters, vocabulary {len(vocab)}, "
@@ -451,7 +581,8 @@ def _train_locked(config, arrays, meta, log):
                 checkpoint.pause_for_test("evaluate")
                 val_loss = evaluate(model, val_ids, config.batch_size, config.seq_length) if len(val_ids) > 1 \
                     else math.nan
-                train_loss = interval_loss / max(1, interval_steps)
+                # NaN when every update since the last evaluation was skipped: there was no loss to average
+                train_loss = interval_loss / interval_steps if interval_steps else math.nan
                 record = {"step": step, "epoch": step / len(batches), "tokens": step * tokens_per_step,
                           "train_loss": train_loss, "val_loss": val_loss, "lr": lr,
                           "tokens_per_s": tokens_per_step * interval_steps / max(t_interval, 1e-9),
@@ -468,7 +599,7 @@ def _train_locked(config, arrays, meta, log):
                     best_val = val_loss
                 # last.ckpt last: after a kill -9 between these writes it never claims a step whose
                 # record or best.ckpt is missing; the log may run ahead, and a resume writes it again
-                write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+                write_atomic(metrics_path, "".join(_json_line(r) for r in history))
                 if config.plot:
                     plot_history(history, os.path.join(config.out, "loss.png"), crit_scale)
                 if improved:
@@ -492,7 +623,8 @@ def _train_locked(config, arrays, meta, log):
             bar.close()
         for s, h in old_handlers.items():
             signal.signal(s, h)
-    return TrainResult(step=step, val_loss=val_loss, best_val_loss=best_val, out=config.out)
+    return TrainResult(step=step, val_loss=val_loss, best_val_loss=best_val, out=config.out,
+                       val_tokens=len(val_ids))
 
 
 def _log_line(r, max_steps, scale):
@@ -515,18 +647,43 @@ def _check_memory(model_config, dtype):
                             "--embedding-size")
 
 
+def _json_line(record):
+    """A record as a line of strict JSON: a loss that is NaN (no validation split, an interval whose
+    updates were all skipped) or a gradient norm that is infinite is written null."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in record.items()}, allow_nan=False) + "\n"
+
+
+def _is_record(r):
+    """Whether r holds what plot_history and a resume read: an integer step, and losses that are
+    numbers or null."""
+    return (isinstance(r, dict) and type(r.get("step")) is int
+            and all(k in r and (r[k] is None or type(r[k]) in (int, float)) for k in ("train_loss", "val_loss")))
+
+
 def _read_metrics(path, upto):
     """The records of metrics.jsonl up to step upto, the checkpoint's: a resume writes the later ones
-    again (a kill may have come between the log and the checkpoint)."""
-    if not os.path.exists(path):
+    again (a kill may have come between the log and the checkpoint). null reads back as NaN."""
+    if not os.path.lexists(path):
         return []
+    records, number = [], 0
     try:
         with open(path, encoding="utf-8") as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        return [r for r in records if r["step"] <= upto and "val_loss" in r]
-    except (ValueError, KeyError, TypeError) as e:
-        raise NanolstmError(f"{path} is damaged ({type(e).__name__}); move it away to resume with a new "
-                            "log") from None
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if not _is_record(r):  # one the trainer did not write: it would fail later, in plot_history
+                    raise ValueError("not a record with a step, train_loss and val_loss")
+                if r["step"] <= upto:
+                    records.append({k: math.nan if v is None else v for k, v in r.items()})
+    except OSError as e:
+        raise NanolstmError(f"cannot read {path}: {e.strerror or e}; move it away to resume with a new log") from None
+    except ValueError as e:  # not UTF-8, not JSON, or not a record
+        detail = " ".join((getattr(e, "msg", None) or str(e)).split())[:100]
+        raise NanolstmError(f"{path} is damaged at line {number} ({type(e).__name__}: {detail}); "
+                            "move it away to resume with a new log") from None
+    return records
 
 
 def plot_history(history, path, scale):
