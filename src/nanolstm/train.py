@@ -171,7 +171,7 @@ def resolve_checkpoint(path):
     return path
 
 
-def given_options(config):
+def _given_options(config):
     """The options of config that differ from TrainConfig's defaults: what counts as given when the
     caller does not say (an option set to its default value cannot be told from one left alone)."""
     defaults = TrainConfig()
@@ -189,7 +189,7 @@ def resumed_config(config, given=None):
     The run resumes into the folder that holds the checkpoint, or into config.out if it was given;
     never into the folder named inside the checkpoint, which may have been copied from elsewhere."""
     if given is None:
-        given = given_options(config)
+        given = _given_options(config)
     path = resolve_checkpoint(config.resume)
     arrays, meta = checkpoint.load(path)
     if not isinstance(meta.get("train_config"), dict):
