@@ -182,6 +182,11 @@ def test_from_python_an_option_counts_as_given_when_it_differs_from_the_default_
     # a resumable option named in `given` is taken even at its default value
     train(TrainConfig(resume=config.out, eval_every=250, max_steps=8), given={"resume", "eval_every", "max_steps"})
     assert checkpoint.load(os.path.join(config.out, "last.ckpt"))[1]["train_config"]["eval_every"] == 250
+    # quiet and plot, which the command line can only set, can be switched back from Python
+    train(TrainConfig(resume=config.out, max_steps=10), given={"resume", "max_steps", "quiet", "plot"},
+          log=lambda line: None)
+    saved = checkpoint.load(os.path.join(config.out, "last.ckpt"))[1]["train_config"]
+    assert (saved["quiet"], saved["plot"]) == (False, True) and os.path.exists(os.path.join(config.out, "loss.png"))
 
 
 def test_adamw_decays_weights_by_default_and_older_runs_resume_with_what_they_had(tmp_path):
