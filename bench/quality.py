@@ -217,7 +217,8 @@ def main(argv=None):
                           hidden_size=args.hidden_size, embedding_size=args.embedding_size, dropout=0.0,
                           val_frac=0.05, batch_size=32, seq_length=100, optimizer="adam", lr=2e-3,
                           lr_schedule="constant", grad_clip=5.0, max_steps=args.steps, eval_every=args.eval_every,
-                          sample_length=0, seed=args.seed, dtype="float32", quiet=args.quiet, plot=False)
+                          sample_length=0, seed=args.seed, dtype="float32", quiet=args.quiet, plot=False,
+                          overwrite=True)  # a run of this script replaces the last one's
 
         # ---- data: the trainer's own loader, checked against the split the data README prescribes
         vocab, train_ids, val_ids, _ = load_data(cfg)

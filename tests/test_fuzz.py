@@ -380,11 +380,13 @@ def test_fuzz_generation_options(files, temperature, top_k, top_p, argmax, prime
     CASES["sampler options (generate)"] += 1
 
 
-def test_a_prime_the_terminal_cannot_encode_is_printed_escaped(files, capsys):
+def test_a_prime_the_terminal_cannot_encode_does_not_stop_the_sample(files, capsys):
     """A byte that is not UTF-8 in argv reaches Python as a lone surrogate; a strict stdout (capsys's,
-    or a UTF-8 terminal's) cannot encode it."""
+    or a UTF-8 terminal's) cannot encode it. No vocabulary has it: --unknown skip drops it, and the
+    prime is printed as the model read it, without it."""
     assert main(["sample", str(files / "run"), "--prime", "the \udcff", "--unknown", "skip", "--length", "5"]) == 0
-    assert capsys.readouterr().out.startswith("the \\udcff")
+    out = capsys.readouterr().out
+    assert out.startswith("the ") and "udcff" not in out
     CASES["sampler options (explicit)"] += 1
 
 

@@ -135,11 +135,8 @@ def run_sample(args):
     model = LanguageModel.load(path)
     kwargs = dict(prime=args.prime, length=args.length, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, argmax=args.argmax, seed=args.seed, unknown=args.unknown)
-    # the prime as the model uses it: --unknown skip drops the characters a character vocabulary lacks
-    # (as LanguageModel.generate does); a word vocabulary has <unk> for them and keeps them
-    prime = args.prime
-    if args.unknown == "skip" and model.vocab is not None and model.vocab.unk_id is None:
-        prime = "".join(ch for ch in prime if ch in model.vocab.index)
+    # printed as the model reads it: without the characters that --unknown skip drops
+    prime = model.usable_prime(args.prime, args.unknown) if model.vocab is not None else args.prime
     if args.num_samples == 1:
         # nothing on stdout before generate has checked the options: the prime goes with the first token
         started = False

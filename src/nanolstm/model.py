@@ -238,14 +238,7 @@ class LanguageModel(Module):
             raise NanolstmError(f"--seed must be an integer >= 0, got {seed!r}")
         if unknown not in ("error", "skip"):
             raise NanolstmError(f"unknown must be 'error' or 'skip', got {unknown!r}")
-        # unknown words have <unk>; unknown characters have nothing to stand for them
-        missing = vocab.missing(prime) if prime and vocab.unk_id is None else []
-        if missing and unknown == "error":
-            shown = " ".join(repr(m) for m in missing[:10])
-            raise NanolstmError(f"the prime text has {len(missing)} character(s) the vocabulary lacks: "
-                                f"{shown}; change the prime or pass --unknown skip")
-        if missing:
-            prime = "".join(ch for ch in prime if ch in vocab.index)
+        prime = self.usable_prime(prime, unknown)
         ids = vocab.encode(prime) if prime else np.zeros(0, np.int64)
         # a word's spacing depends on the word before it: decode after the prime's last word, then cut
         # that word off again
@@ -306,6 +299,16 @@ class LanguageModel(Module):
         finally:
             self.train(was_training)
         return [decode(out[:, n]) for n in range(num_samples)]
+
+    def usable_prime(self, prime, unknown="error"):
+        """prime as generate reads it. Unknown words have <unk>, and a word model keeps them; unknown
+        characters have nothing to stand for them: refused (unknown="error") or dropped ("skip")."""
+        missing = self.vocab.missing(prime) if prime and self.vocab.unk_id is None else []
+        if missing and unknown == "error":
+            shown = " ".join(repr(m) for m in missing[:10])
+            raise NanolstmError(f"the prime text has {len(missing)} character(s) the vocabulary lacks: "
+                                f"{shown}; change the prime or pass --unknown skip")
+        return "".join(ch for ch in prime if ch in self.vocab.index) if missing else prime
 
     def _check_generation_memory(self, length, num_samples, prime_tokens):
         """Refuse, before anything is allocated, a generation that cannot fit in the machine's memory.
