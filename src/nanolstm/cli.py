@@ -85,7 +85,8 @@ def _sample_parser(sub):
     a("--seed", type=int, help="random seed: the same seed gives the same text")
     a("--num-samples", type=int, default=1, help="independent samples (default 1)")
     a("--unknown", choices=["error", "skip"], default="error",
-      help="prime characters the vocabulary lacks: refuse (default) or skip them")
+      help="prime characters the vocabulary lacks: refuse (default) or skip them (a word model reads "
+           "unknown words as <unk>)")
     return p
 
 
