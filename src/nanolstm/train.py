@@ -22,7 +22,7 @@ from nanolstm import checkpoint, optim
 from nanolstm.data import Batches, Vocab, default_corpus, encode_chars, read_corpus, split_ids
 from nanolstm.errors import CheckpointError, DataError, NanolstmError
 from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
-from nanolstm.model import LanguageModel, ModelConfig, check_fits
+from nanolstm.model import LanguageModel, ModelConfig, check_fits, physical_memory
 from nanolstm.outdir import OutputLock, write_atomic
 
 
@@ -637,11 +637,8 @@ def _check_memory(model_config, dtype):
     """Refuse, before anything is allocated, a model whose weights and gradients alone would not fit
     in the machine's memory: an absurd --hidden-size or --num-layers gets a line, not a long swap."""
     need = 2 * model_config.num_parameters() * dtype.itemsize
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): let the allocation decide
-        return
-    if need > have:
+    have = physical_memory()  # None where the system does not say: then the allocation decides
+    if have is not None and need > have:
         raise NanolstmError(f"the model's weights and gradients need {need / 2**30:,.1f} GiB, more than this "
                             f"machine's {have / 2**30:,.1f} GiB; lower --hidden-size, --num-layers or "
                             "--embedding-size")
