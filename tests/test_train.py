@@ -209,3 +209,49 @@ def test_adamw_decays_weights_by_default_and_older_runs_resume_with_what_they_ha
     assert checkpoint.load(last)[1]["train_config"]["weight_decay"] == 0.0
     with pytest.raises(NanolstmError, match="--weight-decay 0.01 .checkpoint: 0.0."):
         train(TrainConfig(resume=config.out, weight_decay=0.01, max_steps=8))
+
+
+@pytest.mark.parametrize("model", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("vocab,layers,hidden,batch,seq", [(84, 2, 64, 8, 16), (300, 1, 32, 4, 8), (50, 3, 128, 32, 64)])
+def test_step_memory_is_a_lower_bound_of_what_a_training_step_holds(model, vocab, layers, hidden, batch, seq):
+    # what the trainer's memory check counts must never exceed what a step really takes (else it would
+    # refuse runs that fit), and should be most of it (else it would let through runs that do not)
+    import tracemalloc
+
+    from nanolstm import functional as F
+    from nanolstm.model import ModelConfig
+    from nanolstm.train import step_memory
+
+    config = ModelConfig(vocab, model, layers, hidden, 16)
+    x, y = np.random.default_rng(0).integers(0, vocab, (2, seq, batch))
+    LanguageModel(config, seed=0).forward(x)  # compiled code loaded before counting
+    tracemalloc.start()
+    try:
+        lm = LanguageModel(config, seed=0)
+        loss, cache = F.cross_entropy_forward(lm.forward(x)[0], y)
+        lm.backward(F.cross_entropy_backward(cache))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    counted = sum(step_memory(config, batch, seq))
+    assert 0.5 * peak < counted <= peak
+
+
+def test_a_training_step_beyond_the_machines_memory_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import importlib
+
+    trainer = importlib.import_module("nanolstm.train")  # the module, not the function nanolstm.train
+    monkeypatch.setattr(trainer, "physical_memory", lambda: 2**30)
+    # a model built means the check let the run through: stopped there, so that no test trains it
+    monkeypatch.setattr(trainer, "LanguageModel", lambda *a, **k: (_ for _ in ()).throw(NanolstmError("built")))
+    config = tiny(tmp_path, english(140_000), hidden_size=1024, batch_size=512, seq_length=256)
+    with pytest.raises(NanolstmError) as err:
+        train(config)
+    msg = str(err.value)
+    assert msg.startswith("a training step needs at least 4.") and "\n" not in msg, msg
+    assert "512 x 256 tokens" in msg and "--batch-size" in msg and "1.0 GiB" in msg
+    assert not os.path.exists(config.out) or os.listdir(config.out) == []
+    # the same run on a machine with room for it passes the check
+    monkeypatch.setattr(trainer, "physical_memory", lambda: 8 * 2**30)
+    with pytest.raises(NanolstmError, match="^built$"):
+        train(config)

@@ -22,7 +22,7 @@ from nanolstm import checkpoint, optim
 from nanolstm.data import Batches, Vocab, default_corpus, encode_chars, read_corpus, split_ids
 from nanolstm.errors import CheckpointError, DataError, NanolstmError
 from nanolstm.functional import cross_entropy_backward, cross_entropy_forward
-from nanolstm.model import LanguageModel, ModelConfig, check_fits, physical_memory
+from nanolstm.model import GATES, LanguageModel, ModelConfig, check_fits, physical_memory
 from nanolstm.outdir import OutputLock, write_atomic
 
 
@@ -449,7 +449,7 @@ def _train_locked(config, arrays, meta, log):
     # ---- model and optimizer
     model_config = ModelConfig(len(vocab), config.model, config.num_layers, config.hidden_size,
                                config.embedding_size, config.dropout)
-    _check_memory(model_config, dtype)
+    _check_memory(model_config, dtype, config.batch_size, config.seq_length)
     model = LanguageModel(model_config, vocab, seed=config.seed, dtype=dtype)
     params, grads = model.state_dict(), model.named_grads()
     opt_kwargs = {"lr": config.lr}
@@ -633,15 +633,37 @@ def _log_line(r, max_steps, scale):
             f"{score} | lr {r['lr']:.2e} | {r['tokens_per_s']:,.0f} tok/s | {r['elapsed_s']:.1f}s")
 
 
-def _check_memory(model_config, dtype):
-    """Refuse, before anything is allocated, a model whose weights and gradients alone would not fit
-    in the machine's memory: an absurd --hidden-size or --num-layers gets a line, not a long swap."""
-    need = 2 * model_config.num_parameters() * dtype.itemsize
+def step_memory(model_config, batch_size, seq_length, dtype=np.float32):
+    """A lower bound, in bytes, of the memory a training step holds: (weights, step), the weights and
+    their gradients, and what the step keeps of a batch of seq_length x batch_size tokens: every
+    layer's pre-activations (G*H a token) and outputs (H), the gradient of one layer's
+    pre-activations, the logits and their gradient."""
+    G, H, V = GATES[model_config.model], model_config.hidden_size, model_config.vocab_size
+    itemsize = np.dtype(dtype).itemsize
+    weights = 2 * model_config.num_parameters() * itemsize
+    per_token = model_config.num_layers * (G * H + H) + G * H + 2 * V
+    return weights, batch_size * seq_length * per_token * itemsize
+
+
+def _check_memory(model_config, dtype, batch_size, seq_length):
+    """Refuse, before anything is allocated, a training step that cannot fit in the machine's memory.
+    NumPy hands out large arrays without complaint and the kernel maps their pages only as they are
+    written, so a step too large would not raise MemoryError but have the process killed, without a
+    word, minutes into its first forward pass. step_memory is a lower bound: what fits is never
+    refused."""
     have = physical_memory()  # None where the system does not say: then the allocation decides
-    if have is not None and need > have:
-        raise NanolstmError(f"the model's weights and gradients need {need / 2**30:,.1f} GiB, more than this "
+    if have is None:
+        return
+    weights, step = step_memory(model_config, batch_size, seq_length, dtype)
+    if weights > have:
+        raise NanolstmError(f"the model's weights and gradients need {weights / 2**30:,.1f} GiB, more than this "
                             f"machine's {have / 2**30:,.1f} GiB; lower --hidden-size, --num-layers or "
                             "--embedding-size")
+    if weights + step > have:
+        raise NanolstmError(f"a training step needs at least {(weights + step) / 2**30:,.1f} GiB (a batch of "
+                            f"{batch_size:,} x {seq_length:,} tokens through {model_config.num_layers:,} layer(s) "
+                            f"of {model_config.hidden_size:,} units), more than this machine's {have / 2**30:,.1f} "
+                            "GiB; lower --batch-size, --seq-length, --hidden-size or --num-layers")
 
 
 def _json_line(record):
