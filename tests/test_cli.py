@@ -460,3 +460,17 @@ def test_python_dash_m_nanolstm_help():
     assert done.returncode == 0, done.stderr
     assert "train" in done.stdout and "sample" in done.stdout
     assert done.stderr == ""
+
+
+def test_quiet_and_no_plot_can_be_switched_back_on_at_resume(corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--data", corpus, "--out", str(out), *TINY, "--max-steps", "2", "--eval-every", "2"]) == 0
+    assert capsys.readouterr().out == "" and not (out / "loss.png").exists()  # TINY: --quiet --no-plot
+    assert main(["train", "--resume", str(out), "--max-steps", "4", "--no-quiet", "--plot"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: step 4")
+    assert (out / "loss.png").exists()
+    # what the resume gave is the run's from then on, until another resume changes it
+    assert main(["train", "--resume", str(out), "--max-steps", "6"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("done: step 6")
+    assert main(["train", "--resume", str(out), "--max-steps", "8", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""

@@ -66,8 +66,10 @@ def _train_parser(sub):
     a("--seed", type=int, help="random seed (default 0)")
     a("--on-nan", choices=["stop", "skip"], help="when the loss is NaN: stop (default) or skip the update")
     a("--dtype", choices=["float32", "float64"], help="(default float32)")
-    a("--quiet", action="store_true", default=None, help="print nothing but errors")
-    a("--no-plot", dest="plot", action="store_false", default=None, help="do not draw loss.png")
+    a("--quiet", action=argparse.BooleanOptionalAction, default=None,
+      help="print nothing but errors (--no-quiet, the default: progress and previews)")
+    a("--plot", action=argparse.BooleanOptionalAction, default=None,
+      help="draw loss.png at each evaluation (the default; --no-plot: do not)")
     return p
 
 
