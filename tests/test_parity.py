@@ -77,6 +77,57 @@ def test_recurrent_matches_torch(kind, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_one_sequence_without_a_batch_axis_matches_torch(kind, dtype, batch_first, with_state):
+    # x (T, D), each part of the state (L, H), whatever batch_first says, as torch takes them
+    rng = np.random.default_rng(7)
+    T, D, H, L = 5, 3, 4, 2
+    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=batch_first, dtype=dtype)
+    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=batch_first).to(TORCH_DTYPE[dtype])
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    n_parts = 2 if kind == "LSTM" else 1
+    x = rng.standard_normal((T, D)).astype(dtype)
+    state = tuple(rng.standard_normal((L, H)).astype(dtype) for _ in range(n_parts))
+    state = (state if kind == "LSTM" else state[0]) if with_state else None
+    out, final = ours.forward(x, state)
+    xt = torch.tensor(x, requires_grad=True)
+    tstate = to_torch_state(state, kind) if with_state else None
+    out_t, final_t = theirs(xt, tstate)
+    finals, finals_t = (final, final_t) if kind == "LSTM" else ((final,), (final_t,))
+    assert out.shape == (T, H) and all(f.shape == (L, H) for f in finals)
+
+    dout = rng.standard_normal((T, H)).astype(dtype)
+    dfinal = tuple(rng.standard_normal((L, H)).astype(dtype) for _ in range(n_parts))
+    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
+    fake.backward()
+    dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
+    tol = TOL[dtype]
+    assert dx.shape == (T, D)
+    assert rel_error(out, out_t.detach().numpy()) < tol
+    for a, b in zip(finals, finals_t):
+        assert rel_error(a, b.detach().numpy()) < tol
+    assert rel_error(dx, xt.grad.numpy()) < tol
+    for name, p in theirs.named_parameters():
+        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
+    d0 = dstate0 if kind == "LSTM" else (dstate0,)
+    assert all(d.shape == (L, H) for d in d0)
+    if with_state:
+        for a, b in zip(d0, tstate if kind == "LSTM" else (tstate,)):
+            assert rel_error(a, b.grad.numpy()) < tol
+
+
+def test_a_state_that_does_not_fit_one_sequence_is_refused():
+    lstm = nl.LSTM(3, 4, num_layers=2)
+    x = np.zeros((5, 3), np.float32)
+    with pytest.raises(ValueError, match=r"state for one sequence as 2 array\(s\) of shape \(2, 4\)"):
+        lstm.forward(x, (np.zeros((2, 1, 4)), np.zeros((2, 1, 4))))
+    with pytest.raises(ValueError, match=r"\(T, N, 3\), or \(T, 3\) for one sequence, got \(5, 2\)"):
+        lstm.forward(np.zeros((5, 2)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_embedding_matches_torch(dtype):
     rng = np.random.default_rng(0)
     V, E = 7, 5

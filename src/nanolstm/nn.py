@@ -88,6 +88,7 @@ class Module:
 
 class _Recurrent(Module):
     gates = 1  # G: gate blocks per unit
+    state_parts = 1  # arrays in the state: h, or (h, c) for the LSTM
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
                  dtype=np.float32, rng=None):
@@ -103,6 +104,7 @@ class _Recurrent(Module):
         self.rng = rng if rng is not None else np.random.default_rng()
         self.reset_parameters()
         self._cache = None
+        self._unbatched = False  # whether the last forward took one sequence without a batch axis
         # the large arrays of a pass, kept from one call to the next (functional._scratch): the
         # pre-activations of each layer, live from forward to backward, and their gradient, which one
         # layer's backward at a time needs
@@ -139,25 +141,32 @@ class _Recurrent(Module):
         """A state (or its gradient) as the user passes it -> a tuple of (L, N, H) arrays in our
         dtype; None means zeros. A wrong number or shape of arrays: ValueError."""
         L, H = self.num_layers, self.hidden_size
-        n_parts = 2 if self.gates == 4 else 1
         if state is None:
-            return tuple(np.zeros((L, N, H), self.dtype) for _ in range(n_parts))
+            return tuple(np.zeros((L, N, H), self.dtype) for _ in range(self.state_parts))
         parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
-        if len(parts) != n_parts or any(s.shape != (L, N, H) for s in parts):
-            raise ValueError(f"expected {what} as {n_parts} array(s) of shape {(L, N, H)}")
+        if len(parts) != self.state_parts or any(s.shape != (L, N, H) for s in parts):
+            raise ValueError(f"expected {what} as {self.state_parts} array(s) of shape {(L, N, H)}")
         return parts
 
     def forward(self, x, state=None):
         """x (T, N, D), or (N, T, D) with batch_first; state as described by the subclass, or None
-        for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form."""
+        for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form.
+
+        As in PyTorch, x may also be one sequence without a batch axis, (T, D) whatever batch_first
+        says; out is then (T, H) and each part of the state (L, H)."""
+        self._unbatched = False
         if isinstance(x, F.Lookup):  # an embedding for the first layer to fold in (LanguageModel)
             if self.batch_first or x.shape[2] != self.input_size or x.dtype != self.dtype:
                 raise ValueError(f"expected a Lookup of {self.dtype} rows of size {self.input_size}, time first")
         else:
             x = np.asarray(x, dtype=self.dtype)
-            if x.ndim != 3 or x.shape[2] != self.input_size:
-                raise ValueError(f"expected input of shape (T, N, {self.input_size}), got {x.shape}")
-            if self.batch_first:
+            if x.ndim == 2 and x.shape[1] == self.input_size:  # one sequence: a batch of one, time first
+                self._unbatched = True
+                x, state = x[:, None], self._batch_of_one(state, "state")
+            elif x.ndim != 3 or x.shape[2] != self.input_size:
+                raise ValueError(f"expected input of shape (T, N, {self.input_size}), or (T, {self.input_size}) "
+                                 f"for one sequence, got {x.shape}")
+            elif self.batch_first:
                 x = x.transpose(1, 0, 2)
             x = np.ascontiguousarray(x)
         L, N, H = self.num_layers, x.shape[1], self.hidden_size
@@ -176,8 +185,20 @@ class _Recurrent(Module):
             caches.append(cache)
             masks.append(mask)
         self._cache = (caches, masks)
+        if self._unbatched:
+            return x[:, 0], self._state_out(tuple(f[:, 0] for f in finals))
         out = x.transpose(1, 0, 2) if self.batch_first else x
         return out, self._state_out(tuple(finals))
+
+    def _batch_of_one(self, state, what):
+        """An unbatched input's state (or its gradient), each part (L, H), as a batch of one: (L, 1, H)."""
+        if state is None:
+            return None
+        parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
+        L, H = self.num_layers, self.hidden_size
+        if len(parts) != self.state_parts or any(s.shape != (L, H) for s in parts):
+            raise ValueError(f"expected {what} for one sequence as {self.state_parts} array(s) of shape {(L, H)}")
+        return tuple(s[:, None] for s in parts)
 
     def backward(self, dout, dstate_n=None):
         """dout like out, dstate_n like the final state (or None for zeros) -> dx like x (for a
@@ -187,7 +208,9 @@ class _Recurrent(Module):
             raise RuntimeError("backward called before forward")
         caches, masks = self._cache
         dout = np.asarray(dout, dtype=self.dtype)
-        if self.batch_first:
+        if self._unbatched:
+            dout, dstate_n = dout[:, None], self._batch_of_one(dstate_n, "dstate_n")
+        elif self.batch_first:
             dout = dout.transpose(1, 0, 2)
         dx = np.ascontiguousarray(dout)
         L, N, H = self.num_layers, dx.shape[1], self.hidden_size
@@ -202,6 +225,8 @@ class _Recurrent(Module):
                 self.grads[f"{name}_l{layer}"] += g
             if masks[layer] is not None:
                 dx *= masks[layer]
+        if self._unbatched:
+            return dx[:, 0], self._state_out(tuple(d[:, 0] for d in dstate_0))
         if self.batch_first:
             dx = dx.transpose(1, 0, 2)
         return dx, self._state_out(tuple(dstate_0))
@@ -218,6 +243,7 @@ class LSTM(_Recurrent):
     """Long short-term memory, as torch.nn.LSTM: gates i, f, g, o; the state is (h0, c0)."""
 
     gates = 4
+    state_parts = 2
 
     def _state_in(self, state):
         return tuple(state)
