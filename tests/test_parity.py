@@ -22,7 +22,8 @@ def random_case(rng, kind):
     return dict(T=int(rng.integers(1, 7)), N=int(rng.integers(1, 5)), D=int(rng.integers(1, 9)),
                 H=int(rng.integers(1, 9)), L=int(rng.integers(1, 4)),
                 batch_first=bool(rng.integers(2)), with_state=bool(rng.integers(2)),
-                nonlinearity=("tanh", "relu")[int(rng.integers(2))] if kind == "RNN" else None)
+                nonlinearity=("tanh", "relu")[int(rng.integers(2))] if kind == "RNN" else None,
+                bidirectional=bool(rng.integers(2)))
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -33,6 +34,8 @@ def test_recurrent_matches_torch(kind, dtype, seed):
     c = random_case(rng, kind)
     T, N, D, H, L = c["T"], c["N"], c["D"], c["H"], c["L"]
     extra = {"nonlinearity": c["nonlinearity"]} if kind == "RNN" else {}
+    extra["bidirectional"] = c["bidirectional"]
+    LK = L * (2 if c["bidirectional"] else 1)  # the state's rows
     ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=c["batch_first"], dtype=dtype, **extra)
     theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=c["batch_first"], **extra)
     theirs = theirs.to(TORCH_DTYPE[dtype])
@@ -42,7 +45,7 @@ def test_recurrent_matches_torch(kind, dtype, seed):
     xshape = (N, T, D) if c["batch_first"] else (T, N, D)
     x = rng.standard_normal(xshape).astype(dtype)
     n_parts = 2 if kind == "LSTM" else 1
-    state = tuple(rng.standard_normal((L, N, H)).astype(dtype) for _ in range(n_parts))
+    state = tuple(rng.standard_normal((LK, N, H)).astype(dtype) for _ in range(n_parts))
     ours_state = (state if kind == "LSTM" else state[0]) if c["with_state"] else None
     out, final = ours.forward(x, ours_state)
 
@@ -52,7 +55,7 @@ def test_recurrent_matches_torch(kind, dtype, seed):
 
     # upstream gradients for out and for the final state, so both paths into backward are checked
     dout = rng.standard_normal(out.shape).astype(dtype)
-    dfinal = tuple(rng.standard_normal((L, N, H)).astype(dtype) for _ in range(n_parts))
+    dfinal = tuple(rng.standard_normal((LK, N, H)).astype(dtype) for _ in range(n_parts))
     finals_t = final_t if kind == "LSTM" else (final_t,)
     fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
     fake.backward()
@@ -80,26 +83,29 @@ def test_recurrent_matches_torch(kind, dtype, seed):
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_one_sequence_without_a_batch_axis_matches_torch(kind, dtype, batch_first, with_state):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_one_sequence_without_a_batch_axis_matches_torch(kind, dtype, batch_first, with_state, bidirectional):
     # x (T, D), each part of the state (L, H), whatever batch_first says, as torch takes them
     rng = np.random.default_rng(7)
     T, D, H, L = 5, 3, 4, 2
-    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=batch_first, dtype=dtype)
-    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=batch_first).to(TORCH_DTYPE[dtype])
+    K = 2 if bidirectional else 1
+    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=batch_first, dtype=dtype, bidirectional=bidirectional)
+    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional)
+    theirs = theirs.to(TORCH_DTYPE[dtype])
     ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
     n_parts = 2 if kind == "LSTM" else 1
     x = rng.standard_normal((T, D)).astype(dtype)
-    state = tuple(rng.standard_normal((L, H)).astype(dtype) for _ in range(n_parts))
+    state = tuple(rng.standard_normal((L * K, H)).astype(dtype) for _ in range(n_parts))
     state = (state if kind == "LSTM" else state[0]) if with_state else None
     out, final = ours.forward(x, state)
     xt = torch.tensor(x, requires_grad=True)
     tstate = to_torch_state(state, kind) if with_state else None
     out_t, final_t = theirs(xt, tstate)
     finals, finals_t = (final, final_t) if kind == "LSTM" else ((final,), (final_t,))
-    assert out.shape == (T, H) and all(f.shape == (L, H) for f in finals)
+    assert out.shape == (T, K * H) and all(f.shape == (L * K, H) for f in finals)
 
-    dout = rng.standard_normal((T, H)).astype(dtype)
-    dfinal = tuple(rng.standard_normal((L, H)).astype(dtype) for _ in range(n_parts))
+    dout = rng.standard_normal((T, K * H)).astype(dtype)
+    dfinal = tuple(rng.standard_normal((L * K, H)).astype(dtype) for _ in range(n_parts))
     fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
     fake.backward()
     dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
@@ -112,10 +118,49 @@ def test_one_sequence_without_a_batch_axis_matches_torch(kind, dtype, batch_firs
     for name, p in theirs.named_parameters():
         assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
     d0 = dstate0 if kind == "LSTM" else (dstate0,)
-    assert all(d.shape == (L, H) for d in d0)
+    assert all(d.shape == (L * K, H) for d in d0)
     if with_state:
         for a, b in zip(d0, tstate if kind == "LSTM" else (tstate,)):
             assert rel_error(a, b.grad.numpy()) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_a_deep_bidirectional_layer_matches_torch(kind, dtype, batch_first):
+    # three layers, so that a layer takes both directions of the one below (2H wide), with a state
+    # and gradients into out and the final state; the random cases above draw at most one such layer
+    rng = np.random.default_rng(11)
+    T, N, D, H, L = 6, 4, 5, 3, 3
+    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=batch_first, dtype=dtype, bidirectional=True)
+    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=batch_first, bidirectional=True)
+    theirs = theirs.to(TORCH_DTYPE[dtype])
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    n_parts = 2 if kind == "LSTM" else 1
+    x = rng.standard_normal((N, T, D) if batch_first else (T, N, D)).astype(dtype)
+    state = tuple(rng.standard_normal((2 * L, N, H)).astype(dtype) for _ in range(n_parts))
+    state = state if kind == "LSTM" else state[0]
+    out, final = ours.forward(x, state)
+    xt = torch.tensor(x, requires_grad=True)
+    tstate = to_torch_state(state, kind)
+    out_t, final_t = theirs(xt, tstate)
+    finals, finals_t = (final, final_t) if kind == "LSTM" else ((final,), (final_t,))
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dfinal = tuple(rng.standard_normal((2 * L, N, H)).astype(dtype) for _ in range(n_parts))
+    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
+    fake.backward()
+    dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
+    tol = TOL[dtype]
+    assert out.shape == tuple(out_t.shape) == ((N, T, 2 * H) if batch_first else (T, N, 2 * H))
+    assert rel_error(out, out_t.detach().numpy()) < tol
+    for a, b in zip(finals, finals_t):
+        assert rel_error(a, b.detach().numpy()) < tol
+    assert rel_error(dx, xt.grad.numpy()) < tol
+    for name, p in theirs.named_parameters():
+        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
+    for a, b in zip(dstate0 if kind == "LSTM" else (dstate0,), tstate if kind == "LSTM" else (tstate,)):
+        assert rel_error(a, b.grad.numpy()) < tol
 
 
 def test_a_state_that_does_not_fit_one_sequence_is_refused():

@@ -91,7 +91,7 @@ class _Recurrent(Module):
     state_parts = 1  # arrays in the state: h, or (h, c) for the LSTM
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
-                 dtype=np.float32, rng=None):
+                 dtype=np.float32, rng=None, bidirectional=False):
         super().__init__(dtype)
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
                         ("num_layers", num_layers)):
@@ -101,14 +101,18 @@ class _Recurrent(Module):
             raise ValueError(f"dropout must be between 0 and 1, got {dropout!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
+        self._names = [[self._param_names(layer, direction) for direction in range(self.num_directions)]
+                       for layer in range(num_layers)]
         self.rng = rng if rng is not None else np.random.default_rng()
         self.reset_parameters()
         self._cache = None
         self._unbatched = False  # whether the last forward took one sequence without a batch axis
         # the large arrays of a pass, kept from one call to the next (functional._scratch): the
-        # pre-activations of each layer, live from forward to backward, and their gradient, which one
-        # layer's backward at a time needs
-        self._work_forward = [{} for _ in range(num_layers)]
+        # pre-activations of each layer and direction, live from forward to backward, and their
+        # gradient, which one layer's backward at a time needs
+        self._work_forward = [{} for _ in range(num_layers * self.num_directions)]
         self._work_backward = {}
 
     def reset_parameters(self):
@@ -116,17 +120,23 @@ class _Recurrent(Module):
         H, G = self.hidden_size, self.gates
         k = 1 / math.sqrt(H)
         for layer in range(self.num_layers):
-            D = self.input_size if layer == 0 else H
-            for name, shape in ((f"weight_ih_l{layer}", (G * H, D)), (f"weight_hh_l{layer}", (G * H, H)),
-                                (f"bias_ih_l{layer}", (G * H,)), (f"bias_hh_l{layer}", (G * H,))):
-                self.add_param(name, self.rng.uniform(-k, k, shape))
+            D = self.input_size if layer == 0 else H * self.num_directions
+            for direction in range(self.num_directions):
+                for name, shape in zip(self._names[layer][direction], ((G * H, D), (G * H, H), (G * H,), (G * H,))):
+                    self.add_param(name, self.rng.uniform(-k, k, shape))
 
-    def layer_params(self, layer):
+    @staticmethod
+    def _param_names(layer, direction=0):
+        """PyTorch's names of a layer's weight_ih, weight_hh, bias_ih and bias_hh; the reverse
+        direction's (bidirectional) end in _reverse."""
+        suffix = "_reverse" if direction else ""
+        return tuple(f"{name}_l{layer}{suffix}" for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def layer_params(self, layer, direction=0):
         p = self.params
-        return (p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"],
-                p[f"bias_ih_l{layer}"], p[f"bias_hh_l{layer}"])
+        return tuple(p[name] for name in self._names[layer][direction])
 
-    # The state is a tuple of (L, N, H) arrays: (h, c) for the LSTM, (h,) for the others.
+    # The state is a tuple of (L, N, H) arrays (2L rows when bidirectional): (h, c) for the LSTM, (h,) for the others.
     def _state_in(self, state):
         return state if isinstance(state, tuple) else (state,)
 
@@ -140,7 +150,7 @@ class _Recurrent(Module):
     def _state_parts(self, state, N, what):
         """A state (or its gradient) as the user passes it -> a tuple of (L, N, H) arrays in our
         dtype; None means zeros. A wrong number or shape of arrays: ValueError."""
-        L, H = self.num_layers, self.hidden_size
+        L, H = self.num_layers * self.num_directions, self.hidden_size
         if state is None:
             return tuple(np.zeros((L, N, H), self.dtype) for _ in range(self.state_parts))
         parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
@@ -153,10 +163,15 @@ class _Recurrent(Module):
         for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form.
 
         As in PyTorch, x may also be one sequence without a batch axis, (T, D) whatever batch_first
-        says; out is then (T, H) and each part of the state (L, H)."""
+        says; out is then (T, H) and each part of the state (L, H), as a batch of one would have them.
+
+        Bidirectional, as in PyTorch: each layer runs a second time loop of its own weights over the
+        sequence reversed in time, and its output is the two loops' outputs side by side, (T, N, 2H),
+        the forward's first. The state's rows are then 2L, layer l's forward one at 2l and its
+        reverse one at 2l + 1."""
         self._unbatched = False
         if isinstance(x, F.Lookup):  # an embedding for the first layer to fold in (LanguageModel)
-            if self.batch_first or x.shape[2] != self.input_size or x.dtype != self.dtype:
+            if self.batch_first or self.bidirectional or x.shape[2] != self.input_size or x.dtype != self.dtype:
                 raise ValueError(f"expected a Lookup of {self.dtype} rows of size {self.input_size}, time first")
         else:
             x = np.asarray(x, dtype=self.dtype)
@@ -169,20 +184,26 @@ class _Recurrent(Module):
             elif self.batch_first:
                 x = x.transpose(1, 0, 2)
             x = np.ascontiguousarray(x)
-        L, N, H = self.num_layers, x.shape[1], self.hidden_size
+        N, H, K = x.shape[1], self.hidden_size, self.num_directions
         state = self._state_parts(state, N, "state")
-        finals = [np.empty((L, N, H), self.dtype) for _ in state]
+        finals = [np.empty((self.num_layers * K, N, H), self.dtype) for _ in state]
         caches, masks = [], []
-        for layer in range(L):
+        for layer in range(self.num_layers):
             mask = None
             if layer > 0 and self.training and self.dropout > 0:
                 mask = F.dropout_mask(x.shape, self.dropout, self.rng, self.dtype)
                 x = x * mask
-            x, last, cache = self._layer_forward(x, tuple(s[layer] for s in state), layer,
-                                                 self._work_forward[layer])
-            for f, s in zip(finals, last):
-                f[layer] = s
-            caches.append(cache)
+            outs = []
+            for direction in range(K):  # the reverse direction: the same loop on the sequence reversed
+                row = layer * K + direction
+                out, last, cache = self._layer_forward(x if direction == 0 else np.ascontiguousarray(x[::-1]),
+                                                       tuple(s[row] for s in state),
+                                                       self.layer_params(layer, direction), self._work_forward[row])
+                outs.append(out if direction == 0 else out[::-1])
+                for f, s in zip(finals, last):
+                    f[row] = s
+                caches.append(cache)
+            x = outs[0] if K == 1 else np.concatenate(outs, axis=2)
             masks.append(mask)
         self._cache = (caches, masks)
         if self._unbatched:
@@ -195,7 +216,7 @@ class _Recurrent(Module):
         if state is None:
             return None
         parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
-        L, H = self.num_layers, self.hidden_size
+        L, H = self.num_layers * self.num_directions, self.hidden_size
         if len(parts) != self.state_parts or any(s.shape != (L, H) for s in parts):
             raise ValueError(f"expected {what} for one sequence as {self.state_parts} array(s) of shape {(L, H)}")
         return tuple(s[:, None] for s in parts)
@@ -213,16 +234,23 @@ class _Recurrent(Module):
         elif self.batch_first:
             dout = dout.transpose(1, 0, 2)
         dx = np.ascontiguousarray(dout)
-        L, N, H = self.num_layers, dx.shape[1], self.hidden_size
+        N, H, K = dx.shape[1], self.hidden_size, self.num_directions
         dstate_n = self._state_parts(dstate_n, N, "dstate_n")
-        dstate_0 = [np.empty((L, N, H), self.dtype) for _ in dstate_n]
-        for layer in reversed(range(L)):
-            dx, d0, dparams = self._layer_backward(dx, tuple(s[layer] for s in dstate_n), caches[layer],
-                                                   self._work_backward)
-            for d, s in zip(dstate_0, d0):
-                d[layer] = s
-            for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), dparams):
-                self.grads[f"{name}_l{layer}"] += g
+        dstate_0 = [np.empty((self.num_layers * K, N, H), self.dtype) for _ in dstate_n]
+        for layer in reversed(range(self.num_layers)):
+            dxs = []
+            for direction in range(K):  # each direction's part of the output's gradient, in its own time order
+                row = layer * K + direction
+                part = dx if K == 1 else dx[:, :, direction * H : (direction + 1) * H]
+                dx_part, d0, dparams = self._layer_backward(part if direction == 0 else part[::-1],
+                                                            tuple(s[row] for s in dstate_n), caches[row],
+                                                            self._work_backward)
+                dxs.append(dx_part if direction == 0 else dx_part[::-1])
+                for d, s in zip(dstate_0, d0):
+                    d[row] = s
+                for name, g in zip(self._names[layer][direction], dparams):
+                    self.grads[name] += g
+            dx = dxs[0] if K == 1 else dxs[0] + dxs[1]
             if masks[layer] is not None:
                 dx *= masks[layer]
         if self._unbatched:
@@ -233,7 +261,8 @@ class _Recurrent(Module):
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
-                f"dropout={self.dropout}, batch_first={self.batch_first}, dtype={self.dtype}")
+                f"dropout={self.dropout}, batch_first={self.batch_first}, "
+                f"bidirectional={self.bidirectional}, dtype={self.dtype}")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -251,8 +280,8 @@ class LSTM(_Recurrent):
     def _state_out(self, parts):
         return parts
 
-    def _layer_forward(self, x, state, layer, work):
-        out, h, c, cache = F.lstm_forward(x, *state, *self.layer_params(layer), work=work)
+    def _layer_forward(self, x, state, params, work):
+        out, h, c, cache = F.lstm_forward(x, *state, *params, work=work)
         return out, (h, c), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
@@ -265,8 +294,8 @@ class GRU(_Recurrent):
 
     gates = 3
 
-    def _layer_forward(self, x, state, layer, work):
-        out, h, cache = F.gru_forward(x, state[0], *self.layer_params(layer), work=work)
+    def _layer_forward(self, x, state, params, work):
+        out, h, cache = F.gru_forward(x, state[0], *params, work=work)
         return out, (h,), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
@@ -280,14 +309,14 @@ class RNN(_Recurrent):
     gates = 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", dropout=0.0,
-                 batch_first=False, dtype=np.float32, rng=None):
+                 batch_first=False, dtype=np.float32, rng=None, bidirectional=False):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng)
+        super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng, bidirectional)
 
-    def _layer_forward(self, x, state, layer, work):
-        out, h, cache = F.rnn_forward(x, state[0], *self.layer_params(layer), self.nonlinearity, work=work)
+    def _layer_forward(self, x, state, params, work):
+        out, h, cache = F.rnn_forward(x, state[0], *params, self.nonlinearity, work=work)
         return out, (h,), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
