@@ -52,6 +52,37 @@ def test_recurrent_gradients(kind, L, dropout, bidirectional):
         assert err < TOL, f"{kind} {name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
+def test_cell_gradients_through_a_loop_of_steps(kind):
+    rng = np.random.default_rng(4)
+    T, N, D, H = 3, 2, 3, 4
+    extra = {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
+    cell = getattr(nl, kind.split("-")[0] + "Cell")(D, H, dtype=np.float64, rng=np.random.default_rng(9), **extra)
+    lstm = kind == "LSTM"
+    xs = rng.standard_normal((T, N, D))
+    state = [rng.standard_normal((N, H)) for _ in range(2 if lstm else 1)]
+    gh = rng.standard_normal((T, N, H))
+    gc = rng.standard_normal((N, H))
+
+    def loss():
+        s, total = (tuple(state) if lstm else state[0]), 0.0
+        for t in range(T):
+            s = cell.forward(xs[t], s)
+            total += np.sum((s[0] if lstm else s) * gh[t])
+        return total + (np.sum(s[1] * gc) if lstm else 0.0)
+
+    loss()
+    dh, dc, dxs = np.zeros((N, H)), gc, np.empty_like(xs)
+    for t in reversed(range(T)):
+        dxs[t], d = cell.backward((dh + gh[t], dc) if lstm else dh + gh[t])
+        dh, dc = d if lstm else (d, None)
+    cell.eval()  # the numerical gradient's many calls of loss keep nothing
+    arrays = {"x": xs, **{f"state{i}": s for i, s in enumerate(state)}, **cell.params}
+    grads = {"x": dxs, "state0": dh, **({"state1": dc} if lstm else {}), **cell.grads}
+    for name, err in check_gradients(loss, arrays, grads).items():
+        assert err < TOL, f"{kind} cell {name}: relative error {err:.2e}"
+
+
 def test_linear_embedding_and_loss_gradients():
     """A small model: embedding -> linear -> cross-entropy with an ignored position."""
     rng = np.random.default_rng(3)

@@ -173,6 +173,71 @@ def test_a_state_that_does_not_fit_one_sequence_is_refused():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_a_cell_in_a_loop_of_ones_own_matches_torch(kind, dtype, unbatched):
+    # T steps by hand, a loss on every step's h (and the last c), then backward last step first
+    rng = np.random.default_rng(5)
+    T, N, D, H = 5, 3, 4, 6
+    name, extra = kind.split("-")[0] + "Cell", ({"nonlinearity": "relu"} if kind == "RNN-relu" else {})
+    ours = getattr(nl, name)(D, H, dtype=dtype, **extra)
+    theirs = getattr(torch.nn, name)(D, H, **extra).to(TORCH_DTYPE[dtype])
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    lstm = kind == "LSTM"
+    shape = (H,) if unbatched else (N, H)
+    xs = rng.standard_normal((T, D) if unbatched else (T, N, D)).astype(dtype)
+    state = tuple(rng.standard_normal(shape).astype(dtype) for _ in range(2 if lstm else 1))
+    gh = rng.standard_normal((T, *shape)).astype(dtype)  # the loss's weights on each step's h
+    gc = rng.standard_normal(shape).astype(dtype)  # and on the last c
+
+    s, hs = (state if lstm else state[0]), []
+    for t in range(T):
+        s = ours.forward(xs[t], s)
+        hs.append(s[0] if lstm else s)
+    xt = [torch.tensor(x, requires_grad=True) for x in xs]
+    st = to_torch_state(state if lstm else state[0], kind)
+    s_t, hs_t = st, []
+    for t in range(T):
+        s_t = theirs(xt[t], s_t)
+        hs_t.append(s_t[0] if lstm else s_t)
+    loss = sum((h * torch.tensor(g)).sum() for h, g in zip(hs_t, gh)) + ((s_t[1] * torch.tensor(gc)).sum() if lstm else 0)
+    loss.backward()
+
+    dh, dc, dxs = np.zeros(shape, dtype), gc, [None] * T
+    for t in reversed(range(T)):
+        dxs[t], d = ours.backward((dh + gh[t], dc) if lstm else dh + gh[t])
+        dh, dc = d if lstm else (d, None)
+    tol = TOL[dtype]
+    for t in range(T):
+        assert hs[t].shape == shape and dxs[t].shape == xs[t].shape
+        assert rel_error(hs[t], hs_t[t].detach().numpy()) < tol
+        assert rel_error(dxs[t], xt[t].grad.numpy()) < tol
+    for pname, p in theirs.named_parameters():
+        assert rel_error(ours.grads[pname], p.grad.numpy()) < tol, pname
+    for a, b in zip((dh, dc) if lstm else (dh,), st if lstm else (st,)):
+        assert rel_error(a, b.grad.numpy()) < tol
+    with pytest.raises(RuntimeError, match="more times than forward"):
+        ours.backward((dh, dc) if lstm else dh)
+
+
+def test_a_cell_in_eval_mode_keeps_nothing_and_refuses_a_wrong_state():
+    cell = nl.LSTMCell(3, 4).eval()
+    h, c = cell.forward(np.ones((2, 3)))
+    assert h.shape == c.shape == (2, 4) and cell._caches == []
+    with pytest.raises(ValueError, match=r"state as 2 array\(s\) of shape \(2, 4\)"):
+        cell.forward(np.ones((2, 3)), np.zeros((2, 4)))  # an array where (h, c) belongs
+    with pytest.raises(ValueError, match=r"input of shape \(N, 3\) or \(3,\), got \(2, 5\)"):
+        cell.forward(np.ones((2, 5)))
+    cell.train()
+    cell.forward(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"dstate as 2 array\(s\) of shape \(2, 4\)"):
+        cell.backward((np.zeros((2, 5)), None))
+    dx, (dh, dc) = cell.backward((np.ones((2, 4)), None))  # the step was kept for a right call
+    assert dx.shape == (2, 3) and dh.shape == dc.shape == (2, 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_embedding_matches_torch(dtype):
     rng = np.random.default_rng(0)
     V, E = 7, 5

@@ -328,6 +328,143 @@ class RNN(_Recurrent):
 
 
 # ---------------------------------------------------------------------------------------------
+# Cells: one time step, for loops written by hand, as torch.nn.LSTMCell, GRUCell and RNNCell.
+
+
+class _Cell(Module):
+    """One step of a one-layer recurrent network, for a time loop of your own. Each forward in
+    train() mode keeps what its backward needs on a stack, and each backward takes the most recent
+    off it: call backward once per forward, last step first, as backpropagation through time runs
+    (the gradients add up in .grads). In eval() mode nothing is kept.
+
+    x (N, D), or (D,) for one sequence; each part of the state (N, H), or (H,)."""
+
+    gates = 1
+    state_parts = 1
+
+    def __init__(self, input_size, hidden_size, dtype=np.float32, rng=None):
+        super().__init__(dtype)
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        rng = rng if rng is not None else np.random.default_rng()
+        G, H, k = self.gates, hidden_size, 1 / math.sqrt(hidden_size)  # PyTorch's initialization
+        for name, shape in (("weight_ih", (G * H, input_size)), ("weight_hh", (G * H, H)),
+                            ("bias_ih", (G * H,)), ("bias_hh", (G * H,))):
+            self.add_param(name, rng.uniform(-k, k, shape))
+        self._caches = []
+
+    def _parts(self, state, N, unbatched, what):
+        """A state or its gradient -> a tuple of (N, H) arrays; None (or None for a part): zeros."""
+        shape = (self.hidden_size,) if unbatched else (N, self.hidden_size)
+        if state is None or self.state_parts == 1:
+            given = (state,) * self.state_parts
+        elif isinstance(state, (tuple, list)):
+            given = tuple(state)
+        else:
+            given = ()  # one array where the LSTM's (h, c) was expected
+        if len(given) != self.state_parts:
+            raise ValueError(f"expected {what} as {self.state_parts} array(s) of shape {shape}")
+        parts = tuple(np.zeros(shape, self.dtype) if s is None else np.asarray(s, self.dtype) for s in given)
+        if any(s.shape != shape for s in parts):
+            raise ValueError(f"expected {what} as {self.state_parts} array(s) of shape {shape}")
+        return tuple(s.reshape(N, self.hidden_size) for s in parts)
+
+    def forward(self, x, state=None):
+        """x (N, D) and the state (None for zeros) -> the next state, of the same form."""
+        x = np.asarray(x, self.dtype)
+        unbatched = x.ndim == 1
+        if x.shape[-1:] != (self.input_size,) or x.ndim not in (1, 2):
+            raise ValueError(f"expected input of shape (N, {self.input_size}) or ({self.input_size},), "
+                             f"got {x.shape}")
+        x = x.reshape(1, -1, self.input_size)  # one time step of the layer's functions
+        N = x.shape[1]
+        new, cache = self._step(x, self._parts(state, N, unbatched, "state"))
+        if self.training:
+            self._caches.append((cache, N, unbatched))
+        return self._out(tuple(s[0] if unbatched else s for s in new))
+
+    def backward(self, dstate):
+        """The gradient of the state the most recent forward returned -> (dx, the gradient of the
+        state that forward took), shaped as they were."""
+        if not self._caches:
+            raise RuntimeError("backward called more times than forward (in train() mode)")
+        cache, N, unbatched = self._caches[-1]
+        dparts = self._parts(dstate, N, unbatched, "dstate")  # checked before the step is taken off
+        self._caches.pop()
+        dx, dstate0, dparams = self._step_backward(np.zeros((1, N, self.hidden_size), self.dtype), dparts, cache)
+        for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), dparams):
+            self.grads[name] += g
+        if unbatched:
+            return dx[0, 0], self._out(tuple(d[0] for d in dstate0))
+        return dx[0], self._out(dstate0)
+
+    def _out(self, parts):
+        return parts if self.state_parts > 1 else parts[0]
+
+    def _params(self):
+        p = self.params
+        return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+
+    def extra_repr(self):
+        return f"{self.input_size}, {self.hidden_size}, dtype={self.dtype}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class LSTMCell(_Cell):
+    """One LSTM step, as torch.nn.LSTMCell: (h, c) -> (h', c')."""
+
+    gates = 4
+    state_parts = 2
+
+    def _step(self, x, state):
+        _, h, c, cache = F.lstm_forward(x, *state, *self._params())
+        return (h, c), cache
+
+    def _step_backward(self, dout, dstate, cache):
+        dx, dh0, dc0, dparams = F.lstm_backward(dout, *dstate, cache)
+        return dx, (dh0, dc0), dparams
+
+
+class GRUCell(_Cell):
+    """One GRU step, as torch.nn.GRUCell: h -> h'."""
+
+    gates = 3
+
+    def _step(self, x, state):
+        _, h, cache = F.gru_forward(x, state[0], *self._params())
+        return (h,), cache
+
+    def _step_backward(self, dout, dstate, cache):
+        dx, dh0, dparams = F.gru_backward(dout, dstate[0], cache)
+        return dx, (dh0,), dparams
+
+
+class RNNCell(_Cell):
+    """One Elman RNN step with tanh or relu, as torch.nn.RNNCell: h -> h'."""
+
+    def __init__(self, input_size, hidden_size, nonlinearity="tanh", dtype=np.float32, rng=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(input_size, hidden_size, dtype, rng)
+
+    def _step(self, x, state):
+        _, h, cache = F.rnn_forward(x, state[0], *self._params(), self.nonlinearity)
+        return (h,), cache
+
+    def _step_backward(self, dout, dstate, cache):
+        dx, dh0, dparams = F.rnn_backward(dout, dstate[0], cache)
+        return dx, (dh0,), dparams
+
+    def extra_repr(self):
+        return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
+
+
+# ---------------------------------------------------------------------------------------------
 # Embedding, Linear, Dropout, CrossEntropyLoss.
 
 
