@@ -26,6 +26,50 @@ def random_case(rng, kind):
                 bidirectional=bool(rng.integers(2)))
 
 
+def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, **options):
+    """Our layer and torch's, with torch's weights, on x and (with_state) a random initial state of
+    state_shape: outputs, final states and every gradient (into x, the parameters and the initial
+    state, from upstream gradients for out and for the final state, so both paths into backward are
+    checked) equal to TOL, and every shape and dtype as torch's."""
+    ours = getattr(nl, kind)(x.shape[-1], H, num_layers=L, dtype=dtype, **options)
+    theirs = getattr(torch.nn, kind)(x.shape[-1], H, num_layers=L, **options).to(TORCH_DTYPE[dtype])
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    # PyTorch's weights into ours, so both start equal and biases are random and non-zero
+    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
+    lstm = kind == "LSTM"
+    state = tuple(rng.standard_normal(state_shape).astype(dtype) for _ in range(2 if lstm else 1))
+    state = (state if lstm else state[0]) if with_state else None
+    out, final = ours.forward(x, state)
+    xt = torch.tensor(x, requires_grad=True)
+    tstate = to_torch_state(state, kind) if with_state else None
+    out_t, final_t = theirs(xt, tstate)
+    finals, finals_t = (final, final_t) if lstm else ((final,), (final_t,))
+
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dfinal = tuple(rng.standard_normal(state_shape).astype(dtype) for _ in finals)
+    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
+    fake.backward()
+    dx, dstate0 = ours.backward(dout, dfinal if lstm else dfinal[0])
+    d0 = dstate0 if lstm else (dstate0,)
+
+    tol = TOL[dtype]
+    assert out.shape == tuple(out_t.shape) and dx.shape == x.shape
+    assert out.dtype == dtype and dx.dtype == dtype
+    assert rel_error(out, out_t.detach().numpy()) < tol
+    for a, b in zip(finals, finals_t):
+        assert a.dtype == dtype and a.shape == state_shape
+        assert rel_error(a, b.detach().numpy()) < tol
+    assert rel_error(dx, xt.grad.numpy()) < tol
+    for name, p in theirs.named_parameters():
+        assert ours.grads[name].dtype == dtype
+        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
+    assert all(d.shape == state_shape for d in d0)
+    if with_state:
+        for a, b in zip(d0, tstate if lstm else (tstate,)):
+            assert rel_error(a, b.grad.numpy()) < tol
+    return out
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("seed", range(12))
@@ -33,50 +77,11 @@ def test_recurrent_matches_torch(kind, dtype, seed):
     rng = np.random.default_rng(seed)
     c = random_case(rng, kind)
     T, N, D, H, L = c["T"], c["N"], c["D"], c["H"], c["L"]
-    extra = {"nonlinearity": c["nonlinearity"]} if kind == "RNN" else {}
-    extra["bidirectional"] = c["bidirectional"]
-    LK = L * (2 if c["bidirectional"] else 1)  # the state's rows
-    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=c["batch_first"], dtype=dtype, **extra)
-    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=c["batch_first"], **extra)
-    theirs = theirs.to(TORCH_DTYPE[dtype])
-    # PyTorch's weights into ours, so both start equal and biases are random and non-zero
-    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
-
-    xshape = (N, T, D) if c["batch_first"] else (T, N, D)
-    x = rng.standard_normal(xshape).astype(dtype)
-    n_parts = 2 if kind == "LSTM" else 1
-    state = tuple(rng.standard_normal((LK, N, H)).astype(dtype) for _ in range(n_parts))
-    ours_state = (state if kind == "LSTM" else state[0]) if c["with_state"] else None
-    out, final = ours.forward(x, ours_state)
-
-    xt = torch.tensor(x, requires_grad=True)
-    tstate = to_torch_state(state if kind == "LSTM" else state[0], kind) if c["with_state"] else None
-    out_t, final_t = theirs(xt, tstate)
-
-    # upstream gradients for out and for the final state, so both paths into backward are checked
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    dfinal = tuple(rng.standard_normal((LK, N, H)).astype(dtype) for _ in range(n_parts))
-    finals_t = final_t if kind == "LSTM" else (final_t,)
-    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
-    fake.backward()
-    dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
-
-    tol = TOL[dtype]
-    assert out.dtype == dtype and dx.dtype == dtype
-    assert rel_error(out, out_t.detach().numpy()) < tol
-    finals = final if kind == "LSTM" else (final,)
-    for a, b in zip(finals, finals_t):
-        assert a.dtype == dtype
-        assert rel_error(a, b.detach().numpy()) < tol
-    assert rel_error(dx, xt.grad.numpy()) < tol
-    for name, p in theirs.named_parameters():
-        assert ours.grads[name].dtype == dtype
-        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
-    if c["with_state"]:
-        d0 = dstate0 if kind == "LSTM" else (dstate0,)
-        t0 = tstate if kind == "LSTM" else (tstate,)
-        for a, b in zip(d0, t0):
-            assert rel_error(a, b.grad.numpy()) < tol
+    options = {"nonlinearity": c["nonlinearity"]} if kind == "RNN" else {}
+    K = 2 if c["bidirectional"] else 1
+    x = rng.standard_normal((N, T, D) if c["batch_first"] else (T, N, D)).astype(dtype)
+    check_against_torch(kind, dtype, rng, x, H, L, (L * K, N, H), c["with_state"],
+                        batch_first=c["batch_first"], bidirectional=c["bidirectional"], **options)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -89,78 +94,24 @@ def test_one_sequence_without_a_batch_axis_matches_torch(kind, dtype, batch_firs
     rng = np.random.default_rng(7)
     T, D, H, L = 5, 3, 4, 2
     K = 2 if bidirectional else 1
-    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=batch_first, dtype=dtype, bidirectional=bidirectional)
-    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=batch_first, bidirectional=bidirectional)
-    theirs = theirs.to(TORCH_DTYPE[dtype])
-    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
-    n_parts = 2 if kind == "LSTM" else 1
     x = rng.standard_normal((T, D)).astype(dtype)
-    state = tuple(rng.standard_normal((L * K, H)).astype(dtype) for _ in range(n_parts))
-    state = (state if kind == "LSTM" else state[0]) if with_state else None
-    out, final = ours.forward(x, state)
-    xt = torch.tensor(x, requires_grad=True)
-    tstate = to_torch_state(state, kind) if with_state else None
-    out_t, final_t = theirs(xt, tstate)
-    finals, finals_t = (final, final_t) if kind == "LSTM" else ((final,), (final_t,))
-    assert out.shape == (T, K * H) and all(f.shape == (L * K, H) for f in finals)
-
-    dout = rng.standard_normal((T, K * H)).astype(dtype)
-    dfinal = tuple(rng.standard_normal((L * K, H)).astype(dtype) for _ in range(n_parts))
-    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
-    fake.backward()
-    dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
-    tol = TOL[dtype]
-    assert dx.shape == (T, D)
-    assert rel_error(out, out_t.detach().numpy()) < tol
-    for a, b in zip(finals, finals_t):
-        assert rel_error(a, b.detach().numpy()) < tol
-    assert rel_error(dx, xt.grad.numpy()) < tol
-    for name, p in theirs.named_parameters():
-        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
-    d0 = dstate0 if kind == "LSTM" else (dstate0,)
-    assert all(d.shape == (L * K, H) for d in d0)
-    if with_state:
-        for a, b in zip(d0, tstate if kind == "LSTM" else (tstate,)):
-            assert rel_error(a, b.grad.numpy()) < tol
+    out = check_against_torch(kind, dtype, rng, x, H, L, (L * K, H), with_state,
+                              batch_first=batch_first, bidirectional=bidirectional)
+    assert out.shape == (T, K * H)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_a_deep_bidirectional_layer_matches_torch(kind, dtype, batch_first):
-    # three layers, so that a layer takes both directions of the one below (2H wide), with a state
-    # and gradients into out and the final state; the random cases above draw at most one such layer
+    # three layers, so that a layer takes both directions of the one below (2H wide), with a state;
+    # the random cases above draw at most one such layer for the LSTM and GRU
     rng = np.random.default_rng(11)
     T, N, D, H, L = 6, 4, 5, 3, 3
-    ours = getattr(nl, kind)(D, H, num_layers=L, batch_first=batch_first, dtype=dtype, bidirectional=True)
-    theirs = getattr(torch.nn, kind)(D, H, num_layers=L, batch_first=batch_first, bidirectional=True)
-    theirs = theirs.to(TORCH_DTYPE[dtype])
-    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
-    ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
-    n_parts = 2 if kind == "LSTM" else 1
     x = rng.standard_normal((N, T, D) if batch_first else (T, N, D)).astype(dtype)
-    state = tuple(rng.standard_normal((2 * L, N, H)).astype(dtype) for _ in range(n_parts))
-    state = state if kind == "LSTM" else state[0]
-    out, final = ours.forward(x, state)
-    xt = torch.tensor(x, requires_grad=True)
-    tstate = to_torch_state(state, kind)
-    out_t, final_t = theirs(xt, tstate)
-    finals, finals_t = (final, final_t) if kind == "LSTM" else ((final,), (final_t,))
-    dout = rng.standard_normal(out.shape).astype(dtype)
-    dfinal = tuple(rng.standard_normal((2 * L, N, H)).astype(dtype) for _ in range(n_parts))
-    fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
-    fake.backward()
-    dx, dstate0 = ours.backward(dout, dfinal if kind == "LSTM" else dfinal[0])
-    tol = TOL[dtype]
-    assert out.shape == tuple(out_t.shape) == ((N, T, 2 * H) if batch_first else (T, N, 2 * H))
-    assert rel_error(out, out_t.detach().numpy()) < tol
-    for a, b in zip(finals, finals_t):
-        assert rel_error(a, b.detach().numpy()) < tol
-    assert rel_error(dx, xt.grad.numpy()) < tol
-    for name, p in theirs.named_parameters():
-        assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
-    for a, b in zip(dstate0 if kind == "LSTM" else (dstate0,), tstate if kind == "LSTM" else (tstate,)):
-        assert rel_error(a, b.grad.numpy()) < tol
+    out = check_against_torch(kind, dtype, rng, x, H, L, (2 * L, N, H), True,
+                              batch_first=batch_first, bidirectional=True)
+    assert out.shape == ((N, T, 2 * H) if batch_first else (T, N, 2 * H))
 
 
 def test_a_state_that_does_not_fit_one_sequence_is_refused():
