@@ -86,6 +86,12 @@ class Module:
 # Recurrent layers: LSTM, GRU and RNN share everything but one layer's forward and backward.
 
 
+def _check_sizes(**sizes):
+    for name, v in sizes.items():
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
 class _Recurrent(Module):
     gates = 1  # G: gate blocks per unit
     state_parts = 1  # arrays in the state: h, or (h, c) for the LSTM
@@ -93,10 +99,7 @@ class _Recurrent(Module):
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
                  dtype=np.float32, rng=None, bidirectional=False):
         super().__init__(dtype)
-        for name, v in (("input_size", input_size), ("hidden_size", hidden_size),
-                        ("num_layers", num_layers)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         if not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be between 0 and 1, got {dropout!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
@@ -169,14 +172,14 @@ class _Recurrent(Module):
         sequence reversed in time, and its output is the two loops' outputs side by side, (T, N, 2H),
         the forward's first. The state's rows are then 2L, layer l's forward one at 2l and its
         reverse one at 2l + 1."""
-        self._unbatched = False
+        unbatched = False
         if isinstance(x, F.Lookup):  # an embedding for the first layer to fold in (LanguageModel)
             if self.batch_first or self.bidirectional or x.shape[2] != self.input_size or x.dtype != self.dtype:
                 raise ValueError(f"expected a Lookup of {self.dtype} rows of size {self.input_size}, time first")
         else:
             x = np.asarray(x, dtype=self.dtype)
             if x.ndim == 2 and x.shape[1] == self.input_size:  # one sequence: a batch of one, time first
-                self._unbatched = True
+                unbatched = True
                 x, state = x[:, None], self._batch_of_one(state, "state")
             elif x.ndim != 3 or x.shape[2] != self.input_size:
                 raise ValueError(f"expected input of shape (T, N, {self.input_size}), or (T, {self.input_size}) "
@@ -205,8 +208,8 @@ class _Recurrent(Module):
                 caches.append(cache)
             x = outs[0] if K == 1 else np.concatenate(outs, axis=2)
             masks.append(mask)
-        self._cache = (caches, masks)
-        if self._unbatched:
+        self._cache, self._unbatched = (caches, masks), unbatched  # for backward, together
+        if unbatched:
             return x[:, 0], self._state_out(tuple(f[:, 0] for f in finals))
         out = x.transpose(1, 0, 2) if self.batch_first else x
         return out, self._state_out(tuple(finals))
@@ -344,9 +347,7 @@ class _Cell(Module):
 
     def __init__(self, input_size, hidden_size, dtype=np.float32, rng=None):
         super().__init__(dtype)
-        for name, v in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        _check_sizes(input_size=input_size, hidden_size=hidden_size)
         self.input_size, self.hidden_size = input_size, hidden_size
         rng = rng if rng is not None else np.random.default_rng()
         G, H, k = self.gates, hidden_size, 1 / math.sqrt(hidden_size)  # PyTorch's initialization
