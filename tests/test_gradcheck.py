@@ -13,21 +13,22 @@ from nanolstm.gradcheck import check_gradients, numerical_gradient, rel_error
 TOL = 1e-6
 
 
-def make_layer(kind, D, H, L, dropout, seed, bidirectional=False):
+def make_layer(kind, D, H, L, dropout, seed, bidirectional=False, bias=True):
     extra = {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
     cls = getattr(nl, kind.split("-")[0])
     return cls(D, H, num_layers=L, dropout=dropout, dtype=np.float64, rng=np.random.default_rng(seed),
-               bidirectional=bidirectional, **extra)
+               bidirectional=bidirectional, bias=bias, **extra)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
-@pytest.mark.parametrize("L,dropout,bidirectional", [(1, 0.0, False), (2, 0.0, False), (3, 0.4, False),
-                                                     (1, 0.0, True), (3, 0.4, True)])
-def test_recurrent_gradients(kind, L, dropout, bidirectional):
+@pytest.mark.parametrize("L,dropout,bidirectional,bias", [(1, 0.0, False, True), (2, 0.0, False, True),
+                                                          (3, 0.4, False, True), (1, 0.0, True, True),
+                                                          (3, 0.4, True, True), (2, 0.0, True, False)])
+def test_recurrent_gradients(kind, L, dropout, bidirectional, bias):
     rng = np.random.default_rng(L)
     T, N, D, H = 4, 3, 5, 4
     K = 2 if bidirectional else 1
-    layer = make_layer(kind, D, H, L, dropout, seed=7, bidirectional=bidirectional)
+    layer = make_layer(kind, D, H, L, dropout, seed=7, bidirectional=bidirectional, bias=bias)
     x = rng.standard_normal((T, N, D))
     n_parts = 2 if kind == "LSTM" else 1
     state = tuple(rng.standard_normal((L * K, N, H)) for _ in range(n_parts))

@@ -114,6 +114,17 @@ def test_a_deep_bidirectional_layer_matches_torch(kind, dtype, batch_first):
     assert out.shape == ((N, T, 2 * H) if batch_first else (T, N, 2 * H))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_layer_without_biases_matches_torch(kind, dtype, bidirectional):
+    rng = np.random.default_rng(13)
+    T, N, D, H, L = 4, 3, 5, 4, 2
+    K = 2 if bidirectional else 1
+    x = rng.standard_normal((T, N, D)).astype(dtype)
+    check_against_torch(kind, dtype, rng, x, H, L, (L * K, N, H), True, bidirectional=bidirectional, bias=False)
+
+
 def test_a_state_that_does_not_fit_one_sequence_is_refused():
     lstm = nl.LSTM(3, 4, num_layers=2)
     x = np.zeros((5, 3), np.float32)
@@ -126,13 +137,14 @@ def test_a_state_that_does_not_fit_one_sequence_is_refused():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
 @pytest.mark.parametrize("unbatched", [False, True])
-def test_a_cell_in_a_loop_of_ones_own_matches_torch(kind, dtype, unbatched):
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_cell_in_a_loop_of_ones_own_matches_torch(kind, dtype, unbatched, bias):
     # T steps by hand, a loss on every step's h (and the last c), then backward last step first
     rng = np.random.default_rng(5)
     T, N, D, H = 5, 3, 4, 6
     name, extra = kind.split("-")[0] + "Cell", ({"nonlinearity": "relu"} if kind == "RNN-relu" else {})
-    ours = getattr(nl, name)(D, H, dtype=dtype, **extra)
-    theirs = getattr(torch.nn, name)(D, H, **extra).to(TORCH_DTYPE[dtype])
+    ours = getattr(nl, name)(D, H, dtype=dtype, bias=bias, **extra)
+    theirs = getattr(torch.nn, name)(D, H, bias=bias, **extra).to(TORCH_DTYPE[dtype])
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
     ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
     lstm = kind == "LSTM"

@@ -86,6 +86,12 @@ class Module:
 # Recurrent layers: LSTM, GRU and RNN share everything but one layer's forward and backward.
 
 
+def _with_zero_biases(params, names, size, dtype):
+    """The arrays of a layer's names (weight_ih, weight_hh, bias_ih, bias_hh), zeros for biases
+    it was made without (bias=False): the same functions serve with and without."""
+    return tuple(params[name] if name in params else np.zeros(size, dtype) for name in names)
+
+
 def _check_sizes(**sizes):
     for name, v in sizes.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -97,14 +103,14 @@ class _Recurrent(Module):
     state_parts = 1  # arrays in the state: h, or (h, c) for the LSTM
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
-                 dtype=np.float32, rng=None, bidirectional=False):
+                 dtype=np.float32, rng=None, bidirectional=False, bias=True):
         super().__init__(dtype)
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
         if not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be between 0 and 1, got {dropout!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional, self.bias = bool(bidirectional), bool(bias)
         self.num_directions = 2 if bidirectional else 1
         self._names = [[self._param_names(layer, direction) for direction in range(self.num_directions)]
                        for layer in range(num_layers)]
@@ -126,7 +132,8 @@ class _Recurrent(Module):
             D = self.input_size if layer == 0 else H * self.num_directions
             for direction in range(self.num_directions):
                 for name, shape in zip(self._names[layer][direction], ((G * H, D), (G * H, H), (G * H,), (G * H,))):
-                    self.add_param(name, self.rng.uniform(-k, k, shape))
+                    if self.bias or name.startswith("weight"):  # bias=False: no biases, as in PyTorch
+                        self.add_param(name, self.rng.uniform(-k, k, shape))
 
     @staticmethod
     def _param_names(layer, direction=0):
@@ -137,7 +144,7 @@ class _Recurrent(Module):
 
     def layer_params(self, layer, direction=0):
         p = self.params
-        return tuple(p[name] for name in self._names[layer][direction])
+        return _with_zero_biases(p, self._names[layer][direction], self.gates * self.hidden_size, self.dtype)
 
     # The state is a tuple of (L, N, H) arrays (2L rows when bidirectional): (h, c) for the LSTM, (h,) for the others.
     def _state_in(self, state):
@@ -252,7 +259,8 @@ class _Recurrent(Module):
                 for d, s in zip(dstate_0, d0):
                     d[row] = s
                 for name, g in zip(self._names[layer][direction], dparams):
-                    self.grads[name] += g
+                    if name in self.grads:  # bias=False: the biases' gradients have nowhere to go
+                        self.grads[name] += g
             dx = dxs[0] if K == 1 else dxs[0] + dxs[1]
             if masks[layer] is not None:
                 dx *= masks[layer]
@@ -265,7 +273,7 @@ class _Recurrent(Module):
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}, "
-                f"bidirectional={self.bidirectional}, dtype={self.dtype}")
+                f"bidirectional={self.bidirectional}, bias={self.bias}, dtype={self.dtype}")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -312,11 +320,11 @@ class RNN(_Recurrent):
     gates = 1
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", dropout=0.0,
-                 batch_first=False, dtype=np.float32, rng=None, bidirectional=False):
+                 batch_first=False, dtype=np.float32, rng=None, bidirectional=False, bias=True):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng, bidirectional)
+        super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng, bidirectional, bias)
 
     def _layer_forward(self, x, state, params, work):
         out, h, cache = F.rnn_forward(x, state[0], *params, self.nonlinearity, work=work)
@@ -344,16 +352,17 @@ class _Cell(Module):
 
     gates = 1
     state_parts = 1
+    _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
-    def __init__(self, input_size, hidden_size, dtype=np.float32, rng=None):
+    def __init__(self, input_size, hidden_size, dtype=np.float32, rng=None, bias=True):
         super().__init__(dtype)
         _check_sizes(input_size=input_size, hidden_size=hidden_size)
-        self.input_size, self.hidden_size = input_size, hidden_size
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bool(bias)
         rng = rng if rng is not None else np.random.default_rng()
         G, H, k = self.gates, hidden_size, 1 / math.sqrt(hidden_size)  # PyTorch's initialization
-        for name, shape in (("weight_ih", (G * H, input_size)), ("weight_hh", (G * H, H)),
-                            ("bias_ih", (G * H,)), ("bias_hh", (G * H,))):
-            self.add_param(name, rng.uniform(-k, k, shape))
+        for name, shape in zip(self._NAMES, ((G * H, input_size), (G * H, H), (G * H,), (G * H,))):
+            if self.bias or name.startswith("weight"):
+                self.add_param(name, rng.uniform(-k, k, shape))
         self._caches = []
 
     def _parts(self, state, N, unbatched, what):
@@ -395,8 +404,9 @@ class _Cell(Module):
         dparts = self._parts(dstate, N, unbatched, "dstate")  # checked before the step is taken off
         self._caches.pop()
         dx, dstate0, dparams = self._step_backward(np.zeros((1, N, self.hidden_size), self.dtype), dparts, cache)
-        for name, g in zip(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), dparams):
-            self.grads[name] += g
+        for name, g in zip(self._NAMES, dparams):
+            if name in self.grads:
+                self.grads[name] += g
         if unbatched:
             return dx[0, 0], self._out(tuple(d[0] for d in dstate0))
         return dx[0], self._out(dstate0)
@@ -405,11 +415,10 @@ class _Cell(Module):
         return parts if self.state_parts > 1 else parts[0]
 
     def _params(self):
-        p = self.params
-        return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+        return _with_zero_biases(self.params, self._NAMES, self.gates * self.hidden_size, self.dtype)
 
     def extra_repr(self):
-        return f"{self.input_size}, {self.hidden_size}, dtype={self.dtype}"
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, dtype={self.dtype}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -447,11 +456,11 @@ class GRUCell(_Cell):
 class RNNCell(_Cell):
     """One Elman RNN step with tanh or relu, as torch.nn.RNNCell: h -> h'."""
 
-    def __init__(self, input_size, hidden_size, nonlinearity="tanh", dtype=np.float32, rng=None):
+    def __init__(self, input_size, hidden_size, nonlinearity="tanh", dtype=np.float32, rng=None, bias=True):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
-        super().__init__(input_size, hidden_size, dtype, rng)
+        super().__init__(input_size, hidden_size, dtype, rng, bias)
 
     def _step(self, x, state):
         _, h, cache = F.rnn_forward(x, state[0], *self._params(), self.nonlinearity)
