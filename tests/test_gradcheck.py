@@ -204,3 +204,34 @@ def test_layers_reuse_their_large_arrays_but_not_what_they_return(kind):
 
     layer.forward(x2[:, :2])  # another batch size: new arrays, of its shape
     assert all(w["a"].shape[1] == 2 for w in layer._work_forward)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("options", [{}, {"batch_first": True}, {"bidirectional": True}])
+def test_what_backward_reads_cannot_be_changed_in_place(kind, options):
+    """A layer's output is a view of what its backward reads; changing it in place raises, where it
+    would have made the gradients wrong. The final state is a copy and stays writable; a copy of
+    the output can be changed. So it is for a cell's new state in train(), and in eval(), which
+    keeps nothing, the state is the caller's to change."""
+    rng = np.random.default_rng(0)
+    layer = getattr(nl, kind)(3, 4, num_layers=2, rng=rng, **options)
+    for x in (rng.standard_normal((5, 2, 3)), rng.standard_normal((5, 3))):  # batched and one sequence
+        out, final = layer.forward(x)
+        with pytest.raises(ValueError, match="read-only"):
+            out *= 2
+        with pytest.raises(ValueError, match="read-only"):
+            out[0] = 0
+        for part in final if kind == "LSTM" else (final,):
+            part += 1
+        copy = out.copy()
+        copy *= 2
+        dx, _ = layer.backward(np.ones(out.shape))
+        assert dx.shape == x.shape
+    cell = getattr(nl, kind + "Cell")(3, 4, rng=rng)
+    parts = cell.forward(rng.standard_normal((2, 3)))
+    for part in parts if kind == "LSTM" else (parts,):
+        with pytest.raises(ValueError, match="read-only"):
+            part += 1
+    parts = cell.eval().forward(rng.standard_normal((2, 3)))
+    for part in parts if kind == "LSTM" else (parts,):
+        part += 1

@@ -92,6 +92,15 @@ def _with_zero_biases(params, names, size, dtype):
     return tuple(params[name] if name in params else np.zeros(size, dtype) for name in names)
 
 
+def _read_only(a):
+    """A view of a that cannot be written. A forward returns its output from the cache that its
+    backward reads; changed in place, it would make backward's gradients silently wrong, so the
+    change raises at once instead (PyTorch raises in backward). Copy it to change it."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
 def _check_sizes(**sizes):
     for name, v in sizes.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -216,6 +225,7 @@ class _Recurrent(Module):
             x = outs[0] if K == 1 else np.concatenate(outs, axis=2)
             masks.append(mask)
         self._cache, self._unbatched = (caches, masks), unbatched  # for backward, together
+        x = _read_only(x)
         if unbatched:
             return x[:, 0], self._state_out(tuple(f[:, 0] for f in finals))
         out = x.transpose(1, 0, 2) if self.batch_first else x
@@ -393,6 +403,7 @@ class _Cell(Module):
         new, cache = self._step(x, self._parts(state, N, unbatched, "state"))
         if self.training:
             self._caches.append((cache, N, unbatched))
+            new = tuple(_read_only(s) for s in new)
         return self._out(tuple(s[0] if unbatched else s for s in new))
 
     def backward(self, dstate):
