@@ -53,6 +53,35 @@ def test_recurrent_gradients(kind, L, dropout, bidirectional, bias):
         assert err < TOL, f"{kind} {name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("L,dropout,bidirectional,bias", [(1, 0.0, False, True), (3, 0.4, False, True),
+                                                          (2, 0.0, True, True), (2, 0.4, True, False)])
+def test_lstm_with_projections_gradients(L, dropout, bidirectional, bias):
+    """proj_size=P: h (L, N, P) and c (L, N, H) take different gradients; W_hr's is checked too."""
+    rng = np.random.default_rng(L)
+    T, N, D, H, P = 4, 3, 5, 4, 3
+    K = 2 if bidirectional else 1
+    layer = nl.LSTM(D, H, num_layers=L, dropout=dropout, dtype=np.float64, rng=np.random.default_rng(7),
+                    bidirectional=bidirectional, bias=bias, proj_size=P)
+    x = rng.standard_normal((T, N, D))
+    state = (rng.standard_normal((L * K, N, P)), rng.standard_normal((L * K, N, H)))
+    dout = rng.standard_normal((T, N, K * P))
+    dfinal = (rng.standard_normal((L * K, N, P)), rng.standard_normal((L * K, N, H)))
+
+    def loss():
+        layer.rng = np.random.default_rng(123)  # the same dropout mask at every call
+        out, final = layer.forward(x, state)
+        return np.sum(out * dout) + sum(np.sum(f * d) for f, d in zip(final, dfinal))
+
+    loss()
+    layer.zero_grad()
+    dx, dstate0 = layer.backward(dout, dfinal)
+    assert sum(name.startswith("weight_hr") for name in layer.grads) == L * K
+    arrays = {"x": x, "h0": state[0], "c0": state[1], **layer.params}
+    grads = {"x": dx, "h0": dstate0[0], "c0": dstate0[1], **layer.grads}
+    for name, err in check_gradients(loss, arrays, grads).items():
+        assert err < TOL, f"LSTM proj_size {name}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
 def test_cell_gradients_through_a_loop_of_steps(kind):
     rng = np.random.default_rng(4)

@@ -28,16 +28,19 @@ def random_case(rng, kind):
 
 def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, **options):
     """Our layer and torch's, with torch's weights, on x and (with_state) a random initial state of
-    state_shape: outputs, final states and every gradient (into x, the parameters and the initial
-    state, from upstream gradients for out and for the final state, so both paths into backward are
-    checked) equal to TOL, and every shape and dtype as torch's."""
+    state_shape (h's last axis P with an LSTM's proj_size): outputs, final states and every gradient
+    (into x, the parameters and the initial state, from upstream gradients for out and for the final
+    state, so both paths into backward are checked) equal to TOL, and every shape and dtype as
+    torch's."""
     ours = getattr(nl, kind)(x.shape[-1], H, num_layers=L, dtype=dtype, **options)
     theirs = getattr(torch.nn, kind)(x.shape[-1], H, num_layers=L, **options).to(TORCH_DTYPE[dtype])
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
     # PyTorch's weights into ours, so both start equal and biases are random and non-zero
     ours.load_state_dict({k: v.detach().numpy() for k, v in theirs.state_dict().items()})
     lstm = kind == "LSTM"
-    state = tuple(rng.standard_normal(state_shape).astype(dtype) for _ in range(2 if lstm else 1))
+    P = options.get("proj_size", 0)
+    shapes = (state_shape[:-1] + (P or H,), state_shape)[: 2 if lstm else 1]
+    state = tuple(rng.standard_normal(shape).astype(dtype) for shape in shapes)
     state = (state if lstm else state[0]) if with_state else None
     out, final = ours.forward(x, state)
     xt = torch.tensor(x, requires_grad=True)
@@ -46,7 +49,7 @@ def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, **op
     finals, finals_t = (final, final_t) if lstm else ((final,), (final_t,))
 
     dout = rng.standard_normal(out.shape).astype(dtype)
-    dfinal = tuple(rng.standard_normal(state_shape).astype(dtype) for _ in finals)
+    dfinal = tuple(rng.standard_normal(shape).astype(dtype) for shape in shapes)
     fake = (out_t * torch.tensor(dout)).sum() + sum((f * torch.tensor(d)).sum() for f, d in zip(finals_t, dfinal))
     fake.backward()
     dx, dstate0 = ours.backward(dout, dfinal if lstm else dfinal[0])
@@ -56,14 +59,14 @@ def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, **op
     assert out.shape == tuple(out_t.shape) and dx.shape == x.shape
     assert out.dtype == dtype and dx.dtype == dtype
     assert rel_error(out, out_t.detach().numpy()) < tol
-    for a, b in zip(finals, finals_t):
-        assert a.dtype == dtype and a.shape == state_shape
+    for a, b, shape in zip(finals, finals_t, shapes, strict=True):
+        assert a.dtype == dtype and a.shape == shape
         assert rel_error(a, b.detach().numpy()) < tol
     assert rel_error(dx, xt.grad.numpy()) < tol
     for name, p in theirs.named_parameters():
         assert ours.grads[name].dtype == dtype
         assert rel_error(ours.grads[name], p.grad.numpy()) < tol, name
-    assert all(d.shape == state_shape for d in d0)
+    assert [d.shape for d in d0] == list(shapes)
     if with_state:
         for a, b in zip(d0, tstate if lstm else (tstate,)):
             assert rel_error(a, b.grad.numpy()) < tol
@@ -123,6 +126,39 @@ def test_a_layer_without_biases_matches_torch(kind, dtype, bidirectional):
     K = 2 if bidirectional else 1
     x = rng.standard_normal((T, N, D)).astype(dtype)
     check_against_torch(kind, dtype, rng, x, H, L, (L * K, N, H), True, bidirectional=bidirectional, bias=False)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("L,batch_first,bidirectional,bias,with_state", [
+    (1, False, False, True, True), (3, True, False, True, False), (3, False, True, True, True),
+    (2, True, True, False, True), (2, False, False, False, False)])
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")  # torch's float32 note
+def test_an_lstm_with_projections_matches_torch(dtype, L, batch_first, bidirectional, bias, with_state, unbatched):
+    # proj_size: h_t = m_t W_hr^T of P < H units is the output, the next step's input to W_hh and
+    # (2 or 3 layers) the next layer's input, P or 2P wide; c keeps H
+    rng = np.random.default_rng(L)
+    T, N, D, H, P = 5, 3, 4, 6, 2
+    K = 2 if bidirectional else 1
+    x = rng.standard_normal((T, D) if unbatched else (N, T, D) if batch_first else (T, N, D)).astype(dtype)
+    state_shape = (L * K, H) if unbatched else (L * K, N, H)
+    out = check_against_torch("LSTM", dtype, rng, x, H, L, state_shape, with_state, batch_first=batch_first,
+                              bidirectional=bidirectional, bias=bias, proj_size=P)
+    assert out.shape[-1] == K * P
+
+
+def test_proj_size_is_checked_as_pytorch_checks_it():
+    for bad in (-1, 4, 5, 1.5, True):
+        with pytest.raises(ValueError, match="proj_size must be"):
+            nl.LSTM(3, 4, proj_size=bad)
+    lstm = nl.LSTM(3, 4, num_layers=2, proj_size=2)
+    assert "proj_size=2" in repr(lstm) and lstm.output_size == 2
+    h, c = lstm.zero_state(5)
+    assert h.shape == (2, 5, 2) and c.shape == (2, 5, 4)
+    with pytest.raises(ValueError, match=r"state as 2 array\(s\) of shape \(2, 5, 2\) and \(2, 5, 4\)"):
+        lstm.forward(np.zeros((1, 5, 3)), (np.zeros((2, 5, 4)), np.zeros((2, 5, 4))))
+    with pytest.raises(ValueError, match=r"one sequence as 2 array\(s\) of shape \(2, 2\) and \(2, 4\)"):
+        lstm.forward(np.zeros((1, 3)), (np.zeros((2, 4)), np.zeros((2, 4))))
 
 
 def test_a_state_that_does_not_fit_one_sequence_is_refused():

@@ -444,6 +444,82 @@ def lstm_backward(dout, dh_T, dc_T, cache, work=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# LSTM with projections (PyTorch's proj_size P < H). The cell is the LSTM's; what it would output,
+# o * tanh(c_t), here m_t (N, H), is projected down to P units, and that is both the layer's output
+# and what the next step's W_hh (4H, P) multiplies:
+#   h_t = m_t W_hr^T        W_hr (P, H)
+# Backward: dm_t = dh_t W_hr, the LSTM cell's backward from dm_t, and dW_hr = sum_t dh_t^T m_t, one
+# product after the loop. These loops run step by step in Python round the cells, compiled or not.
+
+
+def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None):
+    """lstm_loop_forward with projections: hs (T + 1, N, P) with h0 in row 0; ms (T, N, H) out, the
+    cell's outputs before the projection."""
+    T, N = a.shape[:2]
+    cell_forward = _cell("lstm", a.dtype)[0]
+    hw = np.empty((N, a.shape[2]), a.dtype)
+    times_w_hh_t, times_w_hr_t = loop_product(w_hh, N), loop_product(w_hr, N)
+    for t in range(T):
+        if gather is not None:
+            np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
+        times_w_hh_t(hs[t], hw)
+        hw += bias
+        cell_forward(a[t], hw, cs[t], cs[t + 1], ms[t], tanh_cs[t])
+        times_w_hr_t(ms[t], hs[t + 1])  # h_t = m_t W_hr^T
+
+
+def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr):
+    """lstm_loop_backward with projections: dout (T, N, P); dh (N, P); dhs (T, N, P) out, each
+    step's whole dh_t, for dW_hr."""
+    T, N = dout.shape[:2]
+    cell_backward = _cell("lstm", a.dtype)[1]
+    dm = np.empty(cs.shape[1:], a.dtype)
+    times_w_hh, times_w_hr = loop_product(w_hh.T, N), loop_product(w_hr.T, N)
+    for t in reversed(range(T)):
+        np.add(dh, dout[t], out=dhs[t])
+        times_w_hr(dhs[t], dm)  # dm_t = dh_t W_hr
+        cell_backward(dm, dc, a[t], cs[t], tanh_cs[t], da[t])
+        times_w_hh(da[t], dh)  # dh_{t-1}
+    return da.reshape(T * N, -1).sum(axis=0)
+
+
+def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, work=None):
+    """One LSTM layer with projections over a whole sequence.
+
+    x (T, N, D); h0 (N, P); c0 (N, H); w_ih (4H, D); w_hh (4H, P); b_ih, b_hh (4H,); w_hr (P, H).
+    Returns out (T, N, P), h_T (N, P), c_T (N, H) and the cache. work: as lstm_forward's.
+    """
+    T, N, D = x.shape
+    P, H = w_hr.shape
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))
+    hs = np.empty((T + 1, N, P), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
+    cs = np.empty((T + 1, N, H), x.dtype)
+    tanh_cs = np.empty((T, N, H), x.dtype)
+    ms = np.empty((T, N, H), x.dtype)
+    hs[0], cs[0] = h0, c0
+    lstmp_loop_forward(a, b_ih + b_hh, hs, cs, tanh_cs, ms, w_hh, w_hr, gather)
+    cache = (x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr)
+    return hs[1:], hs[T], cs[T], cache
+
+
+def lstmp_backward(dout, dh_T, dc_T, cache, work=None):
+    """dout (T, N, P); dh_T (N, P); dc_T (N, H) -> dx (T, N, D), dh0 (N, P), dc0 (N, H), and
+    (dw_ih, dw_hh, db_ih, db_hh, dw_hr) shaped as the parameters. work: as lstm_backward's."""
+    x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr = cache
+    T, N, D = x.shape
+    P, H = w_hr.shape
+    da = _scratch(work, "da", a.shape, a.dtype)  # (T, N, 4H)
+    dhs = np.empty((T, N, P), x.dtype)
+    dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
+    dc = np.array(dc_T, x.dtype)
+    db = lstmp_loop_backward(np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr)
+    dx, dw_ih = input_side_backward(da, x, w_ih)
+    dw_hh = da.reshape(T * N, 4 * H).T @ hs[:T].reshape(T * N, P)
+    dw_hr = dhs.reshape(T * N, P).T @ ms.reshape(T * N, H)
+    return dx, dh, dc, (dw_ih, dw_hh, db, db.copy(), dw_hr)
+
+
+# ---------------------------------------------------------------------------------------------
 # GRU, one layer, as PyTorch defines it (the hidden-side bias of n sits inside the reset product):
 #   r = sigmoid(x W_ir^T + b_ir + h W_hr^T + b_hr)
 #   z = sigmoid(x W_iz^T + b_iz + h W_hz^T + b_hz)

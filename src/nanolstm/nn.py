@@ -101,6 +101,11 @@ def _read_only(a):
     return view
 
 
+def _shapes_text(shapes):
+    """'(2, 3, 4)', or '(2, 3, 2) and (2, 3, 4)' where the parts differ (an LSTM with proj_size)."""
+    return " and ".join(dict.fromkeys(str(shape) for shape in shapes))
+
+
 def _check_sizes(**sizes):
     for name, v in sizes.items():
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -110,17 +115,22 @@ def _check_sizes(**sizes):
 class _Recurrent(Module):
     gates = 1  # G: gate blocks per unit
     state_parts = 1  # arrays in the state: h, or (h, c) for the LSTM
+    proj_size = 0  # P: the LSTM's projected h, when not 0
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
                  dtype=np.float32, rng=None, bidirectional=False, bias=True):
         super().__init__(dtype)
         _check_sizes(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers)
+        if self.proj_size >= hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size, got {self.proj_size} and {hidden_size}")
         if not 0 <= dropout <= 1:
             raise ValueError(f"dropout must be between 0 and 1, got {dropout!r}")
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.dropout, self.batch_first = float(dropout), bool(batch_first)
         self.bidirectional, self.bias = bool(bidirectional), bool(bias)
         self.num_directions = 2 if bidirectional else 1
+        # the size of h, of each direction's output and of a layer's input from below: H, or P
+        self.output_size = self.proj_size or hidden_size
         self._names = [[self._param_names(layer, direction) for direction in range(self.num_directions)]
                        for layer in range(num_layers)]
         self.rng = rng if rng is not None else np.random.default_rng()
@@ -135,27 +145,29 @@ class _Recurrent(Module):
 
     def reset_parameters(self):
         """Uniform in +-1/sqrt(H) for every weight and bias, as PyTorch does."""
-        H, G = self.hidden_size, self.gates
+        H, G, R = self.hidden_size, self.gates, self.output_size
         k = 1 / math.sqrt(H)
         for layer in range(self.num_layers):
-            D = self.input_size if layer == 0 else H * self.num_directions
+            D = self.input_size if layer == 0 else R * self.num_directions
+            shapes = ((G * H, D), (G * H, R), (G * H,), (G * H,), (R, H))  # the last, W_hr, with proj_size only
             for direction in range(self.num_directions):
-                for name, shape in zip(self._names[layer][direction], ((G * H, D), (G * H, H), (G * H,), (G * H,))):
+                for name, shape in zip(self._names[layer][direction], shapes):
                     if self.bias or name.startswith("weight"):  # bias=False: no biases, as in PyTorch
                         self.add_param(name, self.rng.uniform(-k, k, shape))
 
-    @staticmethod
-    def _param_names(layer, direction=0):
-        """PyTorch's names of a layer's weight_ih, weight_hh, bias_ih and bias_hh; the reverse
-        direction's (bidirectional) end in _reverse."""
+    def _param_names(self, layer, direction=0):
+        """PyTorch's names of a layer's weight_ih, weight_hh, bias_ih and bias_hh, and weight_hr
+        with proj_size; the reverse direction's (bidirectional) end in _reverse."""
         suffix = "_reverse" if direction else ""
-        return tuple(f"{name}_l{layer}{suffix}" for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") + ("weight_hr",) * bool(self.proj_size)
+        return tuple(f"{name}_l{layer}{suffix}" for name in names)
 
     def layer_params(self, layer, direction=0):
         p = self.params
         return _with_zero_biases(p, self._names[layer][direction], self.gates * self.hidden_size, self.dtype)
 
-    # The state is a tuple of (L, N, H) arrays (2L rows when bidirectional): (h, c) for the LSTM, (h,) for the others.
+    # The state is a tuple of (L, N, size) arrays (2L rows when bidirectional): (h, c) for the LSTM, (h,) for the
+    # others; h's size is output_size (P with proj_size), c's H.
     def _state_in(self, state):
         return state if isinstance(state, tuple) else (state,)
 
@@ -166,15 +178,20 @@ class _Recurrent(Module):
         """The zero state of N streams, in the form forward takes and returns."""
         return self._state_out(self._state_parts(None, N, "state"))
 
+    def _state_shapes(self, *batch):
+        """The shape of each part of the state: (L, *batch, size)."""
+        L = self.num_layers * self.num_directions
+        return tuple((L, *batch, size) for size in (self.output_size, self.hidden_size)[: self.state_parts])
+
     def _state_parts(self, state, N, what):
-        """A state (or its gradient) as the user passes it -> a tuple of (L, N, H) arrays in our
+        """A state (or its gradient) as the user passes it -> a tuple of (L, N, size) arrays in our
         dtype; None means zeros. A wrong number or shape of arrays: ValueError."""
-        L, H = self.num_layers * self.num_directions, self.hidden_size
+        shapes = self._state_shapes(N)
         if state is None:
-            return tuple(np.zeros((L, N, H), self.dtype) for _ in range(self.state_parts))
+            return tuple(np.zeros(shape, self.dtype) for shape in shapes)
         parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
-        if len(parts) != self.state_parts or any(s.shape != (L, N, H) for s in parts):
-            raise ValueError(f"expected {what} as {self.state_parts} array(s) of shape {(L, N, H)}")
+        if len(parts) != self.state_parts or any(s.shape != shape for s, shape in zip(parts, shapes)):
+            raise ValueError(f"expected {what} as {self.state_parts} array(s) of shape {_shapes_text(shapes)}")
         return parts
 
     def forward(self, x, state=None):
@@ -203,9 +220,9 @@ class _Recurrent(Module):
             elif self.batch_first:
                 x = x.transpose(1, 0, 2)
             x = np.ascontiguousarray(x)
-        N, H, K = x.shape[1], self.hidden_size, self.num_directions
+        N, K = x.shape[1], self.num_directions
         state = self._state_parts(state, N, "state")
-        finals = [np.empty((self.num_layers * K, N, H), self.dtype) for _ in state]
+        finals = [np.empty_like(s) for s in state]
         caches, masks = [], []
         for layer in range(self.num_layers):
             mask = None
@@ -236,9 +253,9 @@ class _Recurrent(Module):
         if state is None:
             return None
         parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
-        L, H = self.num_layers * self.num_directions, self.hidden_size
-        if len(parts) != self.state_parts or any(s.shape != (L, H) for s in parts):
-            raise ValueError(f"expected {what} for one sequence as {self.state_parts} array(s) of shape {(L, H)}")
+        shapes = self._state_shapes()
+        if len(parts) != self.state_parts or any(s.shape != shape for s, shape in zip(parts, shapes)):
+            raise ValueError(f"expected {what} for one sequence as {self.state_parts} array(s) of shape {_shapes_text(shapes)}")
         return tuple(s[:, None] for s in parts)
 
     def backward(self, dout, dstate_n=None):
@@ -254,14 +271,14 @@ class _Recurrent(Module):
         elif self.batch_first:
             dout = dout.transpose(1, 0, 2)
         dx = np.ascontiguousarray(dout)
-        N, H, K = dx.shape[1], self.hidden_size, self.num_directions
+        N, R, K = dx.shape[1], self.output_size, self.num_directions
         dstate_n = self._state_parts(dstate_n, N, "dstate_n")
-        dstate_0 = [np.empty((self.num_layers * K, N, H), self.dtype) for _ in dstate_n]
+        dstate_0 = [np.empty_like(d) for d in dstate_n]
         for layer in reversed(range(self.num_layers)):
             dxs = []
             for direction in range(K):  # each direction's part of the output's gradient, in its own time order
                 row = layer * K + direction
-                part = dx if K == 1 else dx[:, :, direction * H : (direction + 1) * H]
+                part = dx if K == 1 else dx[:, :, direction * R : (direction + 1) * R]
                 dx_part, d0, dparams = self._layer_backward(part if direction == 0 else part[::-1],
                                                             tuple(s[row] for s in dstate_n), caches[row],
                                                             self._work_backward)
@@ -290,10 +307,21 @@ class _Recurrent(Module):
 
 
 class LSTM(_Recurrent):
-    """Long short-term memory, as torch.nn.LSTM: gates i, f, g, o; the state is (h0, c0)."""
+    """Long short-term memory, as torch.nn.LSTM: gates i, f, g, o; the state is (h0, c0).
+
+    proj_size=P (0 < P < H), as PyTorch's: h_t = (o * tanh(c_t)) W_hr^T, P units, is the output and
+    what the next step's W_hh (4H, P) multiplies; c_t keeps H units. The output is then (T, N, P),
+    h0 (L, N, P), c0 (L, N, H), and each layer has a weight_hr_l{k} (P, H) more."""
 
     gates = 4
     state_parts = 2
+
+    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, batch_first=False,
+                 dtype=np.float32, rng=None, bidirectional=False, bias=True, proj_size=0):
+        if not isinstance(proj_size, (int, np.integer)) or isinstance(proj_size, bool) or proj_size < 0:
+            raise ValueError(f"proj_size must be a positive integer, or 0 for none, got {proj_size!r}")
+        self.proj_size = int(proj_size)
+        super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng, bidirectional, bias)
 
     def _state_in(self, state):
         return tuple(state)
@@ -302,12 +330,17 @@ class LSTM(_Recurrent):
         return parts
 
     def _layer_forward(self, x, state, params, work):
-        out, h, c, cache = F.lstm_forward(x, *state, *params, work=work)
+        forward = F.lstmp_forward if self.proj_size else F.lstm_forward
+        out, h, c, cache = forward(x, *state, *params, work=work)
         return out, (h, c), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
-        dx, dh0, dc0, dparams = F.lstm_backward(dout, *dstate, cache, work=work)
+        backward = F.lstmp_backward if self.proj_size else F.lstm_backward
+        dx, dh0, dc0, dparams = backward(dout, *dstate, cache, work=work)
         return dx, (dh0, dc0), dparams
+
+    def extra_repr(self):
+        return super().extra_repr() + (f", proj_size={self.proj_size}" if self.proj_size else "")
 
 
 class GRU(_Recurrent):
