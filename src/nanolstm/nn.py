@@ -255,7 +255,8 @@ class _Recurrent(Module):
         parts = tuple(np.asarray(s, dtype=self.dtype) for s in self._state_in(state))
         shapes = self._state_shapes()
         if len(parts) != self.state_parts or any(s.shape != shape for s, shape in zip(parts, shapes)):
-            raise ValueError(f"expected {what} for one sequence as {self.state_parts} array(s) of shape {_shapes_text(shapes)}")
+            raise ValueError(f"expected {what} for one sequence as {self.state_parts} array(s) "
+                             f"of shape {_shapes_text(shapes)}")
         return tuple(s[:, None] for s in parts)
 
     def backward(self, dout, dstate_n=None):
