@@ -82,6 +82,40 @@ def test_lstm_with_projections_gradients(L, dropout, bidirectional, bias):
         assert err < TOL, f"LSTM proj_size {name}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "RNN-relu"])
+def test_gradients_of_sequences_of_different_lengths(kind):
+    """lengths, with two layers both ways, dropout and a batch first: every gradient numerically,
+    the padding's (which the output does not read) zero."""
+    rng = np.random.default_rng(5)
+    T, N, D, H, L = 5, 4, 3, 4, 2
+    extra = {"proj_size": 2} if kind == "LSTM-proj" else {"nonlinearity": "relu"} if kind == "RNN-relu" else {}
+    layer = getattr(nl, kind.split("-")[0])(D, H, num_layers=L, dropout=0.3, dtype=np.float64, batch_first=True,
+                                            rng=np.random.default_rng(2), bidirectional=True, **extra)
+    lengths = np.array([3, 5, 1, 3])
+    x = rng.standard_normal((N, T, D))
+    shapes = [(2 * L, N, layer.output_size), (2 * L, N, H)][: 2 if kind.startswith("LSTM") else 1]
+    state = [rng.standard_normal(shape) for shape in shapes]
+    dout = rng.standard_normal((N, T, 2 * layer.output_size))
+    dfinal = [rng.standard_normal(shape) for shape in shapes]
+    pack = tuple if kind.startswith("LSTM") else (lambda parts: parts[0])
+
+    def loss():
+        layer.rng = np.random.default_rng(123)  # the same dropout mask at every call
+        out, final = layer.forward(x, pack(state), lengths=lengths)
+        finals = final if kind.startswith("LSTM") else (final,)
+        return np.sum(out * dout) + sum(np.sum(f * d) for f, d in zip(finals, dfinal))
+
+    loss()
+    layer.zero_grad()
+    dx, dstate0 = layer.backward(dout, pack(dfinal))
+    dstate0 = dstate0 if kind.startswith("LSTM") else (dstate0,)
+    assert not dx[np.arange(T) >= lengths[:, None]].any()
+    arrays = {"x": x, **{f"state{i}": s for i, s in enumerate(state)}, **layer.params}
+    grads = {"x": dx, **{f"state{i}": d for i, d in enumerate(dstate0)}, **layer.grads}
+    for name, err in check_gradients(loss, arrays, grads).items():
+        assert err < TOL, f"{kind} {name}: relative error {err:.2e}"
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "RNN-relu"])
 def test_cell_gradients_through_a_loop_of_steps(kind):
     rng = np.random.default_rng(4)

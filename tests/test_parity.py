@@ -26,12 +26,13 @@ def random_case(rng, kind):
                 bidirectional=bool(rng.integers(2)))
 
 
-def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, **options):
+def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, lengths=None, **options):
     """Our layer and torch's, with torch's weights, on x and (with_state) a random initial state of
     state_shape (h's last axis P with an LSTM's proj_size): outputs, final states and every gradient
     (into x, the parameters and the initial state, from upstream gradients for out and for the final
     state, so both paths into backward are checked) equal to TOL, and every shape and dtype as
-    torch's."""
+    torch's. lengths: each sequence's length, given to ours, and to torch's packed
+    (pack_padded_sequence, unsorted) and its output padded back with zeros (pad_packed_sequence)."""
     ours = getattr(nl, kind)(x.shape[-1], H, num_layers=L, dtype=dtype, **options)
     theirs = getattr(torch.nn, kind)(x.shape[-1], H, num_layers=L, **options).to(TORCH_DTYPE[dtype])
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
@@ -42,10 +43,18 @@ def check_against_torch(kind, dtype, rng, x, H, L, state_shape, with_state, **op
     shapes = (state_shape[:-1] + (P or H,), state_shape)[: 2 if lstm else 1]
     state = tuple(rng.standard_normal(shape).astype(dtype) for shape in shapes)
     state = (state if lstm else state[0]) if with_state else None
-    out, final = ours.forward(x, state)
+    out, final = ours.forward(x, state, lengths=lengths)
     xt = torch.tensor(x, requires_grad=True)
     tstate = to_torch_state(state, kind) if with_state else None
-    out_t, final_t = theirs(xt, tstate)
+    if lengths is None:
+        out_t, final_t = theirs(xt, tstate)
+    else:
+        pack = torch.nn.utils.rnn
+        batch_first = options.get("batch_first", False)
+        packed = pack.pack_padded_sequence(xt, torch.tensor(lengths), batch_first=batch_first, enforce_sorted=False)
+        out_t, final_t = theirs(packed, tstate)
+        T = x.shape[1 if batch_first else 0]
+        out_t, _ = pack.pad_packed_sequence(out_t, batch_first=batch_first, total_length=T)
     finals, finals_t = (final, final_t) if lstm else ((final,), (final_t,))
 
     dout = rng.standard_normal(out.shape).astype(dtype)
@@ -145,6 +154,39 @@ def test_an_lstm_with_projections_matches_torch(dtype, L, batch_first, bidirecti
     out = check_against_torch("LSTM", dtype, rng, x, H, L, state_shape, with_state, batch_first=batch_first,
                               bidirectional=bidirectional, bias=bias, proj_size=P)
     assert out.shape[-1] == K * P
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "RNN"])
+@pytest.mark.parametrize("seed", range(4))
+def test_sequences_of_different_lengths_match_torchs_packed_sequences(kind, dtype, seed):
+    """lengths: PyTorch's packed sequences, unsorted; the output padded with zeros, each final state
+    the one after its own sequence's last step, and the gradients (none into the padding)."""
+    rng = np.random.default_rng(seed)
+    T, N, D, H = 7, 6, 3, 4
+    L, batch_first, bidirectional = [(1, False, False), (2, True, True), (3, False, True), (2, True, False)][seed]
+    lengths = [rng.integers(1, T + 1, N), np.full(N, T), np.array([1, 7, 3, 7, 1, 2]),
+               np.array([5, 5, 2, 5, 2, 5])][seed]
+    K = 2 if bidirectional else 1
+    x = rng.standard_normal((N, T, D) if batch_first else (T, N, D)).astype(dtype)
+    options = {"proj_size": 2} if kind == "LSTM-proj" else {}
+    out = check_against_torch(kind.split("-")[0], dtype, rng, x, H, L, (L * K, N, H), seed % 2 == 0,
+                              lengths=lengths, batch_first=batch_first, bidirectional=bidirectional, **options)
+    steps = np.arange(T)[None, :] if batch_first else np.arange(T)[:, None]
+    padding = steps >= (lengths[:, None] if batch_first else lengths[None, :])
+    assert padding.any() == (seed != 1) and not out[padding].any() and out[~padding].all()
+
+
+def test_lengths_that_do_not_fit_are_refused():
+    lstm = nl.LSTM(3, 4)
+    x = np.zeros((5, 2, 3))
+    for bad in ([5], [0, 5], [6, 1], [2.0, 3.0], [[2, 3]]):
+        with pytest.raises(ValueError, match="lengths must be 2 integers from 1 to T = 5"):
+            lstm.forward(x, lengths=bad)
+    with pytest.raises(ValueError, match="lengths are for a batch"):
+        lstm.forward(x[:, 0], lengths=[3])
+    out, _ = lstm.forward(x, lengths=[5, 2])  # a list does, as a tensor does for torch
+    assert out.shape == (5, 2, 4)
 
 
 def test_proj_size_is_checked_as_pytorch_checks_it():

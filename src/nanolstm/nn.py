@@ -8,6 +8,7 @@ Shapes: T time, N batch, D input, H hidden, L layers, V vocabulary, E embedding 
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,6 +113,48 @@ def _check_sizes(**sizes):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
+class _Packing(NamedTuple):
+    """A batch of sequences of different lengths, run as PyTorch runs a packed sequence: the rows
+    sorted longest first, and time cut into spans over each of which the same rows are still running,
+    so that a step computes only the rows whose sequences have not ended."""
+
+    order: np.ndarray  # the batch's rows, longest first: sorted row i is the batch's row order[i]
+    lengths: np.ndarray  # their lengths, in that order
+    spans: tuple  # (t0, t1, B): steps t0 .. t1-1 run the first B sorted rows
+
+    @classmethod
+    def of(cls, lengths, T, N):
+        lengths = np.asarray(lengths)
+        fits = (lengths.shape == (N,) and lengths.dtype.kind in "iu"
+                and (N == 0 or 1 <= lengths.min() <= lengths.max() <= T))
+        if not fits:
+            raise ValueError(f"lengths must be {N} integers from 1 to T = {T}, one for each sequence of the batch")
+        lengths = lengths.astype(np.int64)
+        order = np.argsort(-lengths, kind="stable")
+        lengths = lengths[order]
+        ends = np.unique(lengths)  # where a span ends: each length, ascending
+        starts = np.concatenate([[0], ends[:-1]])
+        spans = tuple((int(t0), int(t1), int(np.sum(lengths >= t1))) for t0, t1 in zip(starts, ends))
+        return cls(order, lengths, spans)
+
+    def sort(self, a):
+        """(T or L, N, ...) with the batch's rows -> the same with the rows longest first."""
+        return a[:, self.order]
+
+    def unsort(self, a):
+        out = np.empty_like(a)
+        out[:, self.order] = a
+        return out
+
+    def reverse(self, a):
+        """(T, N, ...) with sorted rows -> each row's own steps in reverse order, the steps after its
+        length zero: what a reverse direction reads, and how its output goes back in place."""
+        back = self.lengths - 1 - np.arange(a.shape[0])[:, None]  # (T, N): the step each place takes
+        out = a[np.maximum(back, 0), np.arange(a.shape[1])]
+        out[back < 0] = 0
+        return out
+
+
 class _Recurrent(Module):
     gates = 1  # G: gate blocks per unit
     state_parts = 1  # arrays in the state: h, or (h, c) for the LSTM
@@ -194,9 +237,15 @@ class _Recurrent(Module):
             raise ValueError(f"expected {what} as {self.state_parts} array(s) of shape {_shapes_text(shapes)}")
         return parts
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, lengths=None):
         """x (T, N, D), or (N, T, D) with batch_first; state as described by the subclass, or None
         for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form.
+
+        lengths: None, or each sequence's length (N integers, 1 to T), for a batch of sequences of
+        different lengths, each padded at its end, as PyTorch runs them packed
+        (pack_padded_sequence): a sequence's steps past its length are not computed, its output
+        there is zero (pad_packed_sequence's padding), and its final state is the one after its
+        last step. A reverse direction (bidirectional) reads each sequence from its own last step.
 
         As in PyTorch, x may also be one sequence without a batch axis, (T, D) whatever batch_first
         says; out is then (T, H) and each part of the state (L, H), as a batch of one would have them.
@@ -207,8 +256,10 @@ class _Recurrent(Module):
         reverse one at 2l + 1."""
         unbatched = False
         if isinstance(x, F.Lookup):  # an embedding for the first layer to fold in (LanguageModel)
-            if self.batch_first or self.bidirectional or x.shape[2] != self.input_size or x.dtype != self.dtype:
-                raise ValueError(f"expected a Lookup of {self.dtype} rows of size {self.input_size}, time first")
+            if (self.batch_first or self.bidirectional or x.shape[2] != self.input_size or x.dtype != self.dtype
+                    or lengths is not None):
+                raise ValueError(f"expected a Lookup of {self.dtype} rows of size {self.input_size}, time first, "
+                                 "without lengths")
         else:
             x = np.asarray(x, dtype=self.dtype)
             if x.ndim == 2 and x.shape[1] == self.input_size:  # one sequence: a batch of one, time first
@@ -222,6 +273,13 @@ class _Recurrent(Module):
             x = np.ascontiguousarray(x)
         N, K = x.shape[1], self.num_directions
         state = self._state_parts(state, N, "state")
+        packing = None
+        if lengths is not None:
+            if unbatched:
+                raise ValueError("lengths are for a batch of sequences, (T, N, D); one sequence has its own length")
+            packing = _Packing.of(lengths, x.shape[0], N)
+            x, state = packing.sort(x), tuple(packing.sort(s) for s in state)
+        flip = packing.reverse if packing else (lambda a: a[::-1])  # a sequence's steps reversed
         finals = [np.empty_like(s) for s in state]
         caches, masks = [], []
         for layer in range(self.num_layers):
@@ -232,16 +290,18 @@ class _Recurrent(Module):
             outs = []
             for direction in range(K):  # the reverse direction: the same loop on the sequence reversed
                 row = layer * K + direction
-                out, last, cache = self._layer_forward(x if direction == 0 else np.ascontiguousarray(x[::-1]),
-                                                       tuple(s[row] for s in state),
-                                                       self.layer_params(layer, direction), self._work_forward[row])
-                outs.append(out if direction == 0 else out[::-1])
+                out, last, cache = self._direction_forward(x if direction == 0 else np.ascontiguousarray(flip(x)),
+                                                           tuple(s[row] for s in state),
+                                                           self.layer_params(layer, direction), row, packing)
+                outs.append(out if direction == 0 else flip(out))
                 for f, s in zip(finals, last):
                     f[row] = s
                 caches.append(cache)
             x = outs[0] if K == 1 else np.concatenate(outs, axis=2)
             masks.append(mask)
-        self._cache, self._unbatched = (caches, masks), unbatched  # for backward, together
+        if packing:
+            x, finals = packing.unsort(x), [packing.unsort(f) for f in finals]
+        self._cache, self._unbatched = (caches, masks, packing), unbatched  # for backward, together
         x = _read_only(x)
         if unbatched:
             return x[:, 0], self._state_out(tuple(f[:, 0] for f in finals))
@@ -265,7 +325,7 @@ class _Recurrent(Module):
         Parameter gradients add up in .grads."""
         if self._cache is None:
             raise RuntimeError("backward called before forward")
-        caches, masks = self._cache
+        caches, masks, packing = self._cache
         dout = np.asarray(dout, dtype=self.dtype)
         if self._unbatched:
             dout, dstate_n = dout[:, None], self._batch_of_one(dstate_n, "dstate_n")
@@ -274,16 +334,18 @@ class _Recurrent(Module):
         dx = np.ascontiguousarray(dout)
         N, R, K = dx.shape[1], self.output_size, self.num_directions
         dstate_n = self._state_parts(dstate_n, N, "dstate_n")
+        if packing:
+            dx, dstate_n = packing.sort(dx), tuple(packing.sort(d) for d in dstate_n)
+        flip = packing.reverse if packing else (lambda a: a[::-1])
         dstate_0 = [np.empty_like(d) for d in dstate_n]
         for layer in reversed(range(self.num_layers)):
             dxs = []
             for direction in range(K):  # each direction's part of the output's gradient, in its own time order
                 row = layer * K + direction
                 part = dx if K == 1 else dx[:, :, direction * R : (direction + 1) * R]
-                dx_part, d0, dparams = self._layer_backward(part if direction == 0 else part[::-1],
-                                                            tuple(s[row] for s in dstate_n), caches[row],
-                                                            self._work_backward)
-                dxs.append(dx_part if direction == 0 else dx_part[::-1])
+                dx_part, d0, dparams = self._direction_backward(part if direction == 0 else flip(part),
+                                                                tuple(s[row] for s in dstate_n), caches[row], packing)
+                dxs.append(dx_part if direction == 0 else flip(dx_part))
                 for d, s in zip(dstate_0, d0):
                     d[row] = s
                 for name, g in zip(self._names[layer][direction], dparams):
@@ -292,11 +354,48 @@ class _Recurrent(Module):
             dx = dxs[0] if K == 1 else dxs[0] + dxs[1]
             if masks[layer] is not None:
                 dx *= masks[layer]
+        if packing:
+            dx, dstate_0 = packing.unsort(dx), [packing.unsort(d) for d in dstate_0]
         if self._unbatched:
             return dx[:, 0], self._state_out(tuple(d[:, 0] for d in dstate_0))
         if self.batch_first:
             dx = dx.transpose(1, 0, 2)
         return dx, self._state_out(tuple(dstate_0))
+
+    def _direction_forward(self, x, state, params, row, packing):
+        """One layer's loop in one direction -> (out, final state, cache). Packed: the loop over
+        each span of time in turn, on the rows still running; a row that has ended keeps its state,
+        and its output past its end is zero."""
+        if packing is None:
+            return self._layer_forward(x, state, params, self._work_forward[row])
+        out = np.zeros(x.shape[:2] + (self.output_size,), self.dtype)
+        state, caches = [s.copy() for s in state], []
+        for t0, t1, B in packing.spans:
+            part, last, cache = self._layer_forward(np.ascontiguousarray(x[t0:t1, :B]), tuple(s[:B] for s in state),
+                                                    params, None)
+            out[t0:t1, :B] = part
+            for s, new in zip(state, last):
+                s[:B] = new
+            caches.append(cache)
+        return out, state, caches
+
+    def _direction_backward(self, dout, dstate, cache, packing):
+        """Backward of _direction_forward -> (dx, the initial state's gradient, the parameters'
+        gradients). Packed: the spans last to first; a row's final-state gradient enters at its own
+        last step."""
+        if packing is None:
+            return self._layer_backward(dout, dstate, cache, self._work_backward)
+        dstate, dx, total = [d.copy() for d in dstate], None, None
+        for (t0, t1, B), span_cache in zip(reversed(packing.spans), reversed(cache)):
+            part, d0, dparams = self._layer_backward(np.ascontiguousarray(dout[t0:t1, :B]),
+                                                     tuple(d[:B] for d in dstate), span_cache, None)
+            if dx is None:
+                dx = np.zeros(dout.shape[:2] + part.shape[2:], self.dtype)
+            dx[t0:t1, :B] = part
+            for d, new in zip(dstate, d0):
+                d[:B] = new
+            total = dparams if total is None else tuple(a + b for a, b in zip(total, dparams))
+        return dx, dstate, total
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
