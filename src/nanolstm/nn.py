@@ -239,7 +239,8 @@ class _Recurrent(Module):
 
     def forward(self, x, state=None, lengths=None):
         """x (T, N, D), or (N, T, D) with batch_first; state as described by the subclass, or None
-        for zeros. Returns out (T, N, H) (or batch first) and the final state, of the same form.
+        for zeros. Returns out (T, N, H) (or batch first; H is P for an LSTM with proj_size) and the
+        final state, of the same form.
 
         lengths: None, or each sequence's length (N integers, 1 to T), for a batch of sequences of
         different lengths, each padded at its end, as PyTorch runs them packed
