@@ -298,3 +298,26 @@ def test_what_backward_reads_cannot_be_changed_in_place(kind, options):
     parts = cell.eval().forward(rng.standard_normal((2, 3)))
     for part in parts if kind == "LSTM" else (parts,):
         part += 1
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_the_padding_past_each_length_is_never_read(kind):
+    """With lengths, whatever the padding holds (NaN here) changes nothing: not the output, not the
+    final state, not a gradient."""
+    rng = np.random.default_rng(1)
+    layer = getattr(nl, kind)(3, 4, num_layers=2, bidirectional=True, dtype=np.float64, rng=rng)
+    lengths = np.array([2, 6, 4])
+    x = rng.standard_normal((6, 3, 3))
+    padded = x.copy()
+    padded[np.arange(6)[:, None] >= lengths] = np.nan
+    dout = rng.standard_normal((6, 3, 8))
+    results = []
+    for inputs in (x, padded):
+        layer.zero_grad()
+        out, final = layer.forward(inputs, lengths=lengths)
+        dx, d0 = layer.backward(dout)
+        parts = [out, dx, *(final if kind == "LSTM" else (final,)), *(d0 if kind == "LSTM" else (d0,))]
+        results.append(parts + [g.copy() for g in layer.grads.values()])
+    for a, b in zip(*results):
+        assert np.all(np.isfinite(b))
+        np.testing.assert_array_equal(a, b)
