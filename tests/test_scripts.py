@@ -80,3 +80,15 @@ def test_the_projections_benchmark_times_both_layers_on_both_sides(capsys):
     rows = capsys.readouterr().out.splitlines()[2:]
     assert [row.split()[0] for row in rows] == ["none", "4"]
     assert all(float(v.replace(",", "").rstrip("x")) > 0 for row in rows for v in row.split()[1:])
+
+
+def test_the_classifier_example_learns_with_lengths_and_not_without(capsys):
+    """examples/classify.py: a bidirectional LSTM given each sequence's length learns whether its
+    last token is greater than its first (at least 90% held out); without the lengths it reads the
+    padding as the sequence and stays below 90%."""
+    script = runpy.run_path(str(ROOT / "examples" / "classify.py"))
+    assert script["main"](["--steps", "200"]) == 0
+    with_lengths = float(capsys.readouterr().out.splitlines()[-1].split()[-1].rstrip("%"))
+    assert script["main"](["--steps", "200", "--no-lengths"]) == 1
+    without = float(capsys.readouterr().out.splitlines()[-1].split()[-1].rstrip("%"))
+    assert with_lengths >= 90 > without
