@@ -1,4 +1,4 @@
-"""An LSTM with projections (proj_size) beside the plain one and beside PyTorch's, in one process.
+"""An LSTM with projections (proj_size) beside the plain one, and both beside PyTorch's.
 
 One forward and backward pass of an LSTM stack (float32, the input given as an array, the gradient
 of the output all ones), ours and torch.nn.LSTM with the same sizes, with proj_size=P and without.
