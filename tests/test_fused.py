@@ -580,7 +580,7 @@ def test_layers_match_with_packed_and_blas_loop_products(kind, seed, N, threads,
     T, D, H, L = 5, 6, 37, 2
     if kind != "RNN":
         assert F._loop(kind.lower(), np.float32) == fused.loops[kind.lower()]
-        assert fused._shares(N) == (1 if N <= 8 or threads == 1 else 2)
+        assert len(fused._shares(N, None)[0]) - 1 == (1 if N <= 8 or threads == 1 else 2)
     layer = getattr(nl, kind)(D, H, num_layers=L, dtype=np.float32, rng=rng)
     h0 = tuple(rng.standard_normal((L, N, H)).astype(np.float32) for _ in range(2 if kind == "LSTM" else 1))
     state = h0 if kind == "LSTM" else h0[0]
@@ -886,3 +886,72 @@ def test_an_lstm_with_projections_is_the_same_on_every_kernel_and_given_a_lookup
             both = (result[name], reference[name])
             for a, b in zip(*both) if isinstance(reference[name], tuple) else [both]:
                 assert a.dtype == np.float32 and rel_error(a, b) < 1e-6, (run, name)
+
+
+@pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 4), ("GRU", 0), ("RNN", 0)])
+@pytest.mark.parametrize("N,threads", [(11, None), (40, None), (40, 1)])
+def test_sequences_of_different_lengths_are_the_same_on_every_kernel(kind, proj, N, threads, packed_loops):
+    """lengths=: each step runs only the sequences still running (batch_sizes). The compiled loops,
+    each thread on its share of the rows sorted longest first, some of whose sequences end before
+    others' and while the other thread's still run; the loops of functional.py with the BLAS's
+    products; and the NumPy cells: equal to 1e-6 in float32, forward and backward, with two layers,
+    both directions, a state, and sequences of length 1, of T and of equal lengths."""
+    numba = pytest.importorskip("numba")
+    rng = np.random.default_rng(N)
+    T, D, H, L = 9, 6, 37, 2
+    kwargs = {"proj_size": proj} if proj else {}
+    layer = getattr(nl, kind)(D, H, num_layers=L, bidirectional=True, dtype=np.float32, rng=rng, **kwargs)
+    R = proj or H
+    lengths = rng.integers(1, T + 1, N)
+    lengths[:3] = [T, 1, lengths[3]]
+    parts = [(2 * L, N, R)] + ([(2 * L, N, H)] if kind == "LSTM" else [])
+    state = tuple(rng.standard_normal(s).astype(np.float32) for s in parts)
+    state = state if kind == "LSTM" else state[0]
+    x = rng.standard_normal((T, N, D)).astype(np.float32)
+    dout = rng.standard_normal((T, N, 2 * R)).astype(np.float32)
+    runs = {}
+    for kernels in ("packed", "blas", "numpy"):
+        if kernels == "blas":
+            packed_loops(False)
+        elif kernels == "numpy":
+            assert not nl.use_numba(False)
+        if threads is not None:
+            saved_threads = numba.get_num_threads()
+            numba.set_num_threads(threads)
+        try:
+            layer.zero_grad()
+            out, final = layer.forward(x, state, lengths=lengths)
+            dx, dstate0 = layer.backward(dout, state)
+        finally:
+            if threads is not None:
+                numba.set_num_threads(saved_threads)
+        runs[kernels] = {"out": out, "final": final, "dx": dx, "dstate0": dstate0,
+                         **{f"grad {k}": v.copy() for k, v in layer.named_grads().items()}}
+        past_end = np.arange(T)[:, None] >= lengths
+        assert not out[past_end].any() and not dx[past_end].any()
+    reference = runs["numpy"]
+    for run, result in runs.items():
+        for name in reference:
+            both = (result[name], reference[name])
+            for a, b in zip(*both) if isinstance(reference[name], tuple) else [both]:
+                assert a.dtype == np.float32 and rel_error(a, b) < 1e-6, (run, name)
+
+
+def test_threads_share_sequences_of_different_lengths_by_their_steps():
+    """fused._shares: rows of equal lengths split evenly, as before lengths existed; sequences of
+    different lengths, longest first, so that each thread runs about as many row-steps (within one
+    sequence's), the first thread then taking fewer rows."""
+    numba = pytest.importorskip("numba")
+    saved_threads = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        assert fused._shares(64, None)[0].tolist() == [0, 32, 64]
+        assert fused._shares(64, [64] * 10)[0].tolist() == [0, 32, 64]
+        lengths = np.sort(np.random.default_rng(0).integers(1, 101, 64))[::-1]
+        batch_sizes = np.sum(lengths > np.arange(100)[:, None], axis=1)
+        bounds, steps = fused._shares(64, batch_sizes)
+        assert steps.tolist() == batch_sizes.tolist() and bounds[0] == 0 and bounds[-1] == 64
+        first, second = lengths[: bounds[1]].sum(), lengths[bounds[1] :].sum()
+        assert bounds[1] < 32 and abs(int(first) - int(second)) <= lengths.max()
+    finally:
+        numba.set_num_threads(saved_threads)

@@ -72,14 +72,14 @@ def test_the_products_benchmark_measures_both_ways_in_turns(capsys):
     assert lines[2].startswith("lstm a  best: packed ") and "by default here: " in lines[2], lines
 
 
-def test_the_projections_benchmark_times_both_layers_on_both_sides(capsys):
+def test_the_layers_benchmark_times_every_variant_on_both_sides(capsys):
     pytest.importorskip("torch")
-    script = runpy.run_path(str(ROOT / "bench" / "projections.py"))
+    script = runpy.run_path(str(ROOT / "bench" / "layers.py"))
     script["main"](["--hidden", "16", "--proj", "4", "--input", "8", "--T", "5", "--N", "3", "--rounds", "1",
                     "--repeats", "2"])
     rows = capsys.readouterr().out.splitlines()[2:]
-    assert [row.split()[0] for row in rows] == ["none", "4"]
-    assert all(float(v.replace(",", "").rstrip("x")) > 0 for row in rows for v in row.split()[1:])
+    assert [row[:23].strip() for row in rows] == list(script["VARIANTS"])
+    assert all(float(v.rstrip("x")) > 0 for row in rows for v in row[23:].split())
 
 
 def test_the_classifier_example_learns_with_lengths_and_not_without(capsys):

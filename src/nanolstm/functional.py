@@ -95,15 +95,25 @@ def fold_lookup(vocab_size, tokens):
     return _compiled.get("add_rows") is not None and vocab_size <= tokens
 
 
-def input_side_forward(x, w_ih, bias, out=None):
+def input_side_forward(x, w_ih, bias, out=None, ran=None):
     """x (T, N, D) or a Lookup; w_ih (G*H, D); bias (G*H,) or None -> a (T, N, G*H), written into
-    out when given (a C-contiguous array of that shape and x's dtype), else a new array."""
+    out when given (a C-contiguous array of that shape and x's dtype), else a new array.
+    ran: None, or which rows run at each step (T, N) (`steps_run`); only those rows of x are read,
+    and only those of out written."""
     T, N = x.shape[:2]
     if out is None:
         out = np.empty((T, N, w_ih.shape[0]), x.dtype)
     if isinstance(x, Lookup):
+        if ran is not None:
+            raise ValueError("a Lookup runs every row of every step: no batch_sizes")
         table, ids = input_side_table(x, w_ih, bias)
         return np.take(table, ids, axis=0, out=out, mode="clip")  # "clip": unbuffered; ids are in range
+    if ran is not None:  # the rows that run, gathered into one product
+        a = product(x[ran], w_ih)
+        if bias is not None:
+            a += bias
+        out[ran] = a
+        return out
     product(x.reshape(T * N, -1), w_ih, out.reshape(T * N, -1))
     if bias is not None:
         out += bias
@@ -121,19 +131,25 @@ def input_side_table(x, w_ih, bias):
     return table, ids
 
 
-def loop_input_side(x, w_ih, bias, out):
+def loop_input_side(x, w_ih, bias, out, ran=None):
     """The input side for the LSTM's and GRU's time loops: (out, None) with out written as by
     input_side_forward, or for a Lookup (out, (table, ids)) as input_side_table gives them, out
     left for the loop to fill step by step (`gather` of the loops): each step's rows are then
     picked just before the step's cell reads them, by the thread that runs the cell."""
-    if isinstance(x, Lookup):
+    if isinstance(x, Lookup) and ran is None:
         return out, input_side_table(x, w_ih, bias)
-    return input_side_forward(x, w_ih, bias, out), None
+    return input_side_forward(x, w_ih, bias, out, ran), None
 
 
-def input_side_backward(da, x, w_ih):
-    """da (T, N, G*H) -> dx (T, N, D), or for a Lookup the gradient of its weight (V, D); dw_ih."""
+def input_side_backward(da, x, w_ih, ran=None):
+    """da (T, N, G*H) -> dx (T, N, D), or for a Lookup the gradient of its weight (V, D); dw_ih.
+    ran: as input_side_forward's; only those rows of da are read, and dx is zero in the others."""
     T, N, GH = da.shape
+    if ran is not None:
+        da_run, x_run = da[ran], x[ran]
+        dx = np.zeros(x.shape, da.dtype)
+        dx[ran] = product(da_run, w_ih.T)
+        return dx, da_run.T @ x_run
     da2 = da.reshape(T * N, GH)
     if isinstance(x, Lookup):
         present, local = _rows_used(x)
@@ -151,6 +167,37 @@ def _rows_used(x):
     infinite one would make NaN of 0 * inf)."""
     used = np.bincount(x.ids.reshape(-1), minlength=x.weight.shape[0]) > 0
     return np.flatnonzero(used), (np.cumsum(used) - 1)[x.ids]
+
+
+def steps_run(batch_sizes, N):
+    """Which rows run at each step, (T, N) booleans, for a batch of sequences of different lengths
+    sorted longest first (PyTorch's packed sequences): at step t the first batch_sizes[t] rows run,
+    the sequences not yet ended. None for None: every row runs at every step."""
+    if batch_sizes is None:
+        return None
+    return np.arange(N) < np.asarray(batch_sizes)[:, None]
+
+
+def _rows_that_ran(a, ran):
+    """(T, N, X) -> (rows, X): the rows that ran at each step, in order; all of them, as a view,
+    when ran is None."""
+    return a.reshape(-1, a.shape[2]) if ran is None else a[ran]
+
+
+def _ends(hs, ran):
+    """hs (T + 1, N, X) with h0 in row 0 and h_t in row t + 1 -> each row's state after its own
+    last step (N, X); the states after step T when ran is None."""
+    if ran is None:
+        return hs[-1]
+    return hs[ran.sum(axis=0), np.arange(hs.shape[1])]
+
+
+def _finish_outputs(out, ran):
+    """out (T, N, X) -> out, zero in the steps past each sequence's end (PyTorch's padding of a
+    packed sequence's output)."""
+    if ran is not None:
+        out[~ran] = 0
+    return out
 
 
 def _scratch(work, name, shape, dtype):
@@ -375,71 +422,86 @@ def lstm_cell_backward(dh, dc, a, c_prev, tanh_c, da):
     dc *= f
 
 
-def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None):
+def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None, batch_sizes=None):
     """The time loop of lstm_forward, in place: a (T, N, 4H) the input side of the pre-activations,
     x W_ih^T, in, the activations out; bias (4H,) = b_ih + b_hh, added at each step (where the
     step's numbers are in cache, not in a pass of its own over all of a); hs, cs (T + 1, N, H) with
     h0, c0 in row 0, h_t and c_t written to row t + 1; tanh_cs (T, N, H) out. gather: None, or
-    (table, ids) from loop_input_side, a's input side then looked up at each step."""
+    (table, ids) from loop_input_side, a's input side then looked up at each step.
+    batch_sizes: None, or (T,) integers: step t runs only the first batch_sizes[t] rows (sequences
+    of different lengths, longest first), and leaves the others' places as they were."""
     T, N = a.shape[:2]
     cell_forward = _cell("lstm", a.dtype)[0]
     hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
     for t in range(T):
+        n = N if batch_sizes is None else int(batch_sizes[t])  # the rows still running
         if gather is not None:
             np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
-        times_w_hh_t(hs[t], hw)
-        hw += bias
-        cell_forward(a[t], hw, cs[t], cs[t + 1], hs[t + 1], tanh_cs[t])
+        times_w_hh_t(hs[t, :n], hw[:n])
+        hw[:n] += bias
+        cell_forward(a[t, :n], hw[:n], cs[t, :n], cs[t + 1, :n], hs[t + 1, :n], tanh_cs[t, :n])
 
 
-def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
+def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh, batch_sizes=None):
     """The time loop of lstm_backward, in place: dout (T, N, H) in; dh, dc (N, H): dh_T, dc_T in,
     dh0, dc0 out; a, cs, tanh_cs as the forward loop left them; da (T, N, 4H) out. Returns the bias
-    gradient, the sum of da over all steps and rows (4H,)."""
+    gradient, the sum of da over all steps and rows (4H,). batch_sizes: as the forward loop's; a
+    row's dh and dc then wait, unchanged, for the row's last step, and da is written only where a
+    row ran."""
     T, N = dout.shape[:2]
     cell_backward = _cell("lstm", a.dtype)[1]
     times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
-        dh += dout[t]
-        cell_backward(dh, dc, a[t], cs[t], tanh_cs[t], da[t])
-        times_w_hh(da[t], dh)  # dh_{t-1}
-    return da.reshape(T * N, -1).sum(axis=0)
+        n = N if batch_sizes is None else int(batch_sizes[t])
+        dh[:n] += dout[t, :n]
+        cell_backward(dh[:n], dc[:n], a[t, :n], cs[t, :n], tanh_cs[t, :n], da[t, :n])
+        times_w_hh(da[t, :n], dh[:n])  # dh_{t-1}
+    return _rows_that_ran(da, steps_run(batch_sizes, N)).sum(axis=0)
 
 
-def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None):
+def lstm_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, work=None, batch_sizes=None):
     """One LSTM layer over a whole sequence.
 
     x (T, N, D); h0, c0 (N, H); w_ih (4H, D); w_hh (4H, H); b_ih, b_hh (4H,).
     Returns out (T, N, H), h_T (N, H), c_T (N, H) and the cache. work: None, or a dict kept between
     calls in which the pre-activations' array is kept for the next call (_scratch); the cache holds
     it until then.
+
+    batch_sizes: None, or (T,) integers for a batch of sequences of different lengths, as PyTorch's
+    packed sequences have them: the rows sorted longest first, and step t running only the first
+    batch_sizes[t] (non-increasing, batch_sizes[0] = N). Each row's steps past its length are then
+    not computed, and x is not read there; out is zero there, and h_T, c_T are each row's state
+    after its own last step.
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))
+    ran = steps_run(batch_sizes, N)
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype), ran)
     hs = np.empty((T + 1, N, H), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
     hs[0], cs[0] = h0, c0
-    _loop("lstm", x.dtype)[0](a, b_ih + b_hh, hs, cs, tanh_cs, w_hh, gather)
-    cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh)
-    return hs[1:], hs[T], cs[T], cache
+    _loop("lstm", x.dtype)[0](a, b_ih + b_hh, hs, cs, tanh_cs, w_hh, gather, batch_sizes)
+    cache = (x, hs, cs, tanh_cs, a, w_ih, w_hh, batch_sizes)
+    return _finish_outputs(hs[1:], ran), _ends(hs, ran), _ends(cs, ran), cache
 
 
 def lstm_backward(dout, dh_T, dc_T, cache, work=None):
     """dout (T, N, H); dh_T, dc_T (N, H) -> dx (T, N, D), dh0, dc0 (N, H), and
     (dw_ih, dw_hh, db_ih, db_hh) shaped as the parameters. work: as lstm_forward's, for the
-    gradient of the pre-activations; it may be one dict for all layers."""
-    x, hs, cs, tanh_cs, a, w_ih, w_hh = cache
+    gradient of the pre-activations; it may be one dict for all layers. With batch_sizes, dout is
+    not read past each row's length, dx is zero there, and dh_T, dc_T enter at each row's last step."""
+    x, hs, cs, tanh_cs, a, w_ih, w_hh, batch_sizes = cache
     T, N, D = x.shape
-    H = w_hh.shape[1]
+    ran = steps_run(batch_sizes, N)
     da = _scratch(work, "da", a.shape, a.dtype)  # (T, N, 4H)
     dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
     dc = np.array(dc_T, x.dtype)
-    db = _loop("lstm", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, w_hh)
-    dx, dw_ih = input_side_backward(da, x, w_ih)
-    dw_hh = da.reshape(T * N, 4 * H).T @ hs[:T].reshape(T * N, H)
+    db = _loop("lstm", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, w_hh,
+                                   batch_sizes)
+    dx, dw_ih = input_side_backward(da, x, w_ih, ran)
+    dw_hh = _rows_that_ran(da, ran).T @ _rows_that_ran(hs[:T], ran)
     return dx, dh, dc, (dw_ih, dw_hh, db, db.copy())
 
 
@@ -452,7 +514,7 @@ def lstm_backward(dout, dh_T, dc_T, cache, work=None):
 # product after the loop. These loops run step by step in Python round the cells, compiled or not.
 
 
-def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None):
+def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None, batch_sizes=None):
     """lstm_loop_forward with projections: hs (T + 1, N, P) with h0 in row 0; ms (T, N, H) out, the
     cell's outputs before the projection."""
     T, N = a.shape[:2]
@@ -460,15 +522,16 @@ def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None):
     hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t, times_w_hr_t = loop_product(w_hh, N), loop_product(w_hr, N)
     for t in range(T):
+        n = N if batch_sizes is None else int(batch_sizes[t])
         if gather is not None:
             np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
-        times_w_hh_t(hs[t], hw)
-        hw += bias
-        cell_forward(a[t], hw, cs[t], cs[t + 1], ms[t], tanh_cs[t])
-        times_w_hr_t(ms[t], hs[t + 1])  # h_t = m_t W_hr^T
+        times_w_hh_t(hs[t, :n], hw[:n])
+        hw[:n] += bias
+        cell_forward(a[t, :n], hw[:n], cs[t, :n], cs[t + 1, :n], ms[t, :n], tanh_cs[t, :n])
+        times_w_hr_t(ms[t, :n], hs[t + 1, :n])  # h_t = m_t W_hr^T
 
 
-def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr):
+def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr, batch_sizes=None):
     """lstm_loop_backward with projections: dout (T, N, P); dh (N, P); dhs (T, N, P) out, each
     step's whole dh_t, for dW_hr."""
     T, N = dout.shape[:2]
@@ -476,46 +539,51 @@ def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr):
     dm = np.empty(cs.shape[1:], a.dtype)
     times_w_hh, times_w_hr = loop_product(w_hh.T, N), loop_product(w_hr.T, N)
     for t in reversed(range(T)):
-        np.add(dh, dout[t], out=dhs[t])
-        times_w_hr(dhs[t], dm)  # dm_t = dh_t W_hr
-        cell_backward(dm, dc, a[t], cs[t], tanh_cs[t], da[t])
-        times_w_hh(da[t], dh)  # dh_{t-1}
-    return da.reshape(T * N, -1).sum(axis=0)
+        n = N if batch_sizes is None else int(batch_sizes[t])
+        np.add(dh[:n], dout[t, :n], out=dhs[t, :n])
+        times_w_hr(dhs[t, :n], dm[:n])  # dm_t = dh_t W_hr
+        cell_backward(dm[:n], dc[:n], a[t, :n], cs[t, :n], tanh_cs[t, :n], da[t, :n])
+        times_w_hh(da[t, :n], dh[:n])  # dh_{t-1}
+    return _rows_that_ran(da, steps_run(batch_sizes, N)).sum(axis=0)
 
 
-def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, work=None):
+def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, work=None, batch_sizes=None):
     """One LSTM layer with projections over a whole sequence.
 
     x (T, N, D); h0 (N, P); c0 (N, H); w_ih (4H, D); w_hh (4H, P); b_ih, b_hh (4H,); w_hr (P, H).
-    Returns out (T, N, P), h_T (N, P), c_T (N, H) and the cache. work: as lstm_forward's.
+    Returns out (T, N, P), h_T (N, P), c_T (N, H) and the cache. work, batch_sizes: as
+    lstm_forward's.
     """
     T, N, D = x.shape
     P, H = w_hr.shape
-    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype))
+    ran = steps_run(batch_sizes, N)
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 4 * H), x.dtype), ran)
     hs = np.empty((T + 1, N, P), x.dtype)  # hs[t+1] is h_t; hs[0] is h0
     cs = np.empty((T + 1, N, H), x.dtype)
     tanh_cs = np.empty((T, N, H), x.dtype)
     ms = np.empty((T, N, H), x.dtype)
     hs[0], cs[0] = h0, c0
-    lstmp_loop_forward(a, b_ih + b_hh, hs, cs, tanh_cs, ms, w_hh, w_hr, gather)
-    cache = (x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr)
-    return hs[1:], hs[T], cs[T], cache
+    lstmp_loop_forward(a, b_ih + b_hh, hs, cs, tanh_cs, ms, w_hh, w_hr, gather, batch_sizes)
+    cache = (x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr, batch_sizes)
+    return _finish_outputs(hs[1:], ran), _ends(hs, ran), _ends(cs, ran), cache
 
 
 def lstmp_backward(dout, dh_T, dc_T, cache, work=None):
     """dout (T, N, P); dh_T (N, P); dc_T (N, H) -> dx (T, N, D), dh0 (N, P), dc0 (N, H), and
     (dw_ih, dw_hh, db_ih, db_hh, dw_hr) shaped as the parameters. work: as lstm_backward's."""
-    x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr = cache
+    x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr, batch_sizes = cache
     T, N, D = x.shape
     P, H = w_hr.shape
+    ran = steps_run(batch_sizes, N)
     da = _scratch(work, "da", a.shape, a.dtype)  # (T, N, 4H)
     dhs = np.empty((T, N, P), x.dtype)
     dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
     dc = np.array(dc_T, x.dtype)
-    db = lstmp_loop_backward(np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr)
-    dx, dw_ih = input_side_backward(da, x, w_ih)
-    dw_hh = da.reshape(T * N, 4 * H).T @ hs[:T].reshape(T * N, P)
-    dw_hr = dhs.reshape(T * N, P).T @ ms.reshape(T * N, H)
+    db = lstmp_loop_backward(np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr,
+                             batch_sizes)
+    dx, dw_ih = input_side_backward(da, x, w_ih, ran)
+    dw_hh = _rows_that_ran(da, ran).T @ _rows_that_ran(hs[:T], ran)
+    dw_hr = _rows_that_ran(dhs, ran).T @ _rows_that_ran(ms, ran)
     return dx, dh, dc, (dw_ih, dw_hh, db, db.copy(), dw_hr)
 
 
@@ -574,116 +642,125 @@ def gru_input_bias(b_ih, b_hh):
     return b_ih + np.concatenate([b_hh[: 2 * H], np.zeros(H, b_hh.dtype)])
 
 
-def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None):
+def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None, batch_sizes=None):
     """The time loop of gru_forward, in place: a (T, N, 3H) the input side x W_ih^T in, the
     activations out; bias (3H,) = gru_input_bias(b_ih, b_hh), added to each step's rows as the step
     begins (where they are in cache, not in a pass of its own over all of a); hs (T + 1, N, H) with
-    h0 in row 0, h_t written to row t + 1; hns (T, N, H) out. gather: as lstm_loop_forward's."""
+    h0 in row 0, h_t written to row t + 1; hns (T, N, H) out. gather, batch_sizes: as
+    lstm_loop_forward's."""
     T, N = a.shape[:2]
     cell_forward = _cell("gru", a.dtype)[0]
     hw = np.empty((N, a.shape[2]), a.dtype)
     times_w_hh_t = loop_product(w_hh, N)
     for t in range(T):
+        n = N if batch_sizes is None else int(batch_sizes[t])
         if gather is not None:
             np.take(gather[0], gather[1][t], axis=0, out=a[t], mode="clip")
-        a[t] += bias
-        times_w_hh_t(hs[t], hw)
-        cell_forward(a[t], hw, b_hn, hs[t], hs[t + 1], hns[t])
+        a[t, :n] += bias
+        times_w_hh_t(hs[t, :n], hw[:n])
+        cell_forward(a[t, :n], hw[:n], b_hn, hs[t, :n], hs[t + 1, :n], hns[t, :n])
 
 
-def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh):
+def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh, batch_sizes=None):
     """The time loop of gru_backward, in place: dout (T, N, H) in; dh (N, H): dh_T in, dh0 out;
-    a, hns, hs as the forward loop left them; dxa, dha (T, N, 3H) out."""
+    a, hns, hs as the forward loop left them; dxa, dha (T, N, 3H) out. batch_sizes: as
+    lstm_loop_backward's."""
     T, N, H = dout.shape
     cell_backward = _cell("gru", a.dtype)[1]
     dh_hw = np.empty((N, H), a.dtype)
     times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
-        dh += dout[t]
-        cell_backward(dh, a[t], hns[t], hs[t], dxa[t], dha[t])
-        times_w_hh(dha[t], dh_hw)
-        dh += dh_hw  # dh_{t-1}
+        n = N if batch_sizes is None else int(batch_sizes[t])
+        dh[:n] += dout[t, :n]
+        cell_backward(dh[:n], a[t, :n], hns[t, :n], hs[t, :n], dxa[t, :n], dha[t, :n])
+        times_w_hh(dha[t, :n], dh_hw[:n])
+        dh[:n] += dh_hw[:n]  # dh_{t-1}
 
 
-def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, work=None):
+def gru_forward(x, h0, w_ih, w_hh, b_ih, b_hh, work=None, batch_sizes=None):
     """One GRU layer over a whole sequence.
 
     x (T, N, D); h0 (N, H); w_ih (3H, D); w_hh (3H, H); b_ih, b_hh (3H,).
-    Returns out (T, N, H), h_T (N, H) and the cache. work: as lstm_forward's.
+    Returns out (T, N, H), h_T (N, H) and the cache. work, batch_sizes: as lstm_forward's.
     """
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 3 * H), x.dtype))
+    ran = steps_run(batch_sizes, N)
+    a, gather = loop_input_side(x, w_ih, None, _scratch(work, "a", (T, N, 3 * H), x.dtype), ran)
     hs = np.empty((T + 1, N, H), x.dtype)
     hns = np.empty((T, N, H), x.dtype)
     hs[0] = h0
-    _loop("gru", x.dtype)[0](a, gru_input_bias(b_ih, b_hh), hs, hns, b_hh[2 * H :], w_hh, gather)
-    cache = (x, hs, hns, a, w_ih, w_hh)
-    return hs[1:], hs[T], cache
+    _loop("gru", x.dtype)[0](a, gru_input_bias(b_ih, b_hh), hs, hns, b_hh[2 * H :], w_hh, gather, batch_sizes)
+    cache = (x, hs, hns, a, w_ih, w_hh, batch_sizes)
+    return _finish_outputs(hs[1:], ran), _ends(hs, ran), cache
 
 
 def gru_backward(dout, dh_T, cache, work=None):
     """dout (T, N, H); dh_T (N, H) -> dx (T, N, D), dh0 (N, H), (dw_ih, dw_hh, db_ih, db_hh).
     work: as lstm_backward's."""
-    x, hs, hns, a, w_ih, w_hh = cache
+    x, hs, hns, a, w_ih, w_hh, batch_sizes = cache
     T, N, D = x.shape
-    H = w_hh.shape[1]
+    ran = steps_run(batch_sizes, N)
     dxa = _scratch(work, "dxa", a.shape, a.dtype)  # (T, N, 3H)
     dha = _scratch(work, "dha", a.shape, a.dtype)  # (T, N, 3H)
     dh = np.array(dh_T, x.dtype)
-    _loop("gru", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, a, hns, hs, dxa, dha, w_hh)
-    dxa2 = dxa.reshape(T * N, 3 * H)
-    dha2 = dha.reshape(T * N, 3 * H)
-    dx, dw_ih = input_side_backward(dxa, x, w_ih)
-    dw_hh = dha2.T @ hs[:T].reshape(T * N, H)
-    return dx, dh, (dw_ih, dw_hh, dxa2.sum(axis=0), dha2.sum(axis=0))
+    _loop("gru", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, a, hns, hs, dxa, dha, w_hh, batch_sizes)
+    dha_run = _rows_that_ran(dha, ran)
+    dx, dw_ih = input_side_backward(dxa, x, w_ih, ran)
+    dw_hh = dha_run.T @ _rows_that_ran(hs[:T], ran)
+    return dx, dh, (dw_ih, dw_hh, _rows_that_ran(dxa, ran).sum(axis=0), dha_run.sum(axis=0))
 
 
 # ---------------------------------------------------------------------------------------------
 # Plain RNN, one layer:  h_t = tanh(x W_ih^T + b_ih + h_{t-1} W_hh^T + b_hh)  (or relu).
 
 
-def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", work=None):
+def rnn_forward(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity="tanh", work=None, batch_sizes=None):
     """x (T, N, D); h0 (N, H); w_ih (H, D); w_hh (H, H); b_ih, b_hh (H,).
-    Returns out (T, N, H), h_T (N, H) and the cache. work: as lstm_forward's."""
+    Returns out (T, N, H), h_T (N, H) and the cache. work, batch_sizes: as lstm_forward's."""
     T, N, D = x.shape
     H = w_hh.shape[1]
-    a = input_side_forward(x, w_ih, b_ih + b_hh, _scratch(work, "a", (T, N, H), x.dtype))
+    ran = steps_run(batch_sizes, N)
+    a = input_side_forward(x, w_ih, b_ih + b_hh, _scratch(work, "a", (T, N, H), x.dtype), ran)
     hs = np.empty((T + 1, N, H), x.dtype)
     hw = np.empty((N, H), x.dtype)
     times_w_hh_t = loop_product(w_hh, N)
     hs[0] = h0
     for t in range(T):
-        times_w_hh_t(hs[t], hw)
-        hw += a[t]
+        n = N if batch_sizes is None else int(batch_sizes[t])  # the rows still running
+        times_w_hh_t(hs[t, :n], hw[:n])
+        hw[:n] += a[t, :n]
         if nonlinearity == "tanh":
-            np.tanh(hw, out=hs[t + 1])
+            np.tanh(hw[:n], out=hs[t + 1, :n])
         else:
-            np.maximum(hw, 0, out=hs[t + 1])
-    return hs[1:], hs[T], (x, hs, w_ih, w_hh, nonlinearity)
+            np.maximum(hw[:n], 0, out=hs[t + 1, :n])
+    cache = (x, hs, w_ih, w_hh, nonlinearity, batch_sizes)
+    return _finish_outputs(hs[1:], ran), _ends(hs, ran), cache
 
 
 def rnn_backward(dout, dh_T, cache, work=None):
     """dout (T, N, H); dh_T (N, H) -> dx (T, N, D), dh0 (N, H), (dw_ih, dw_hh, db_ih, db_hh).
     work: as lstm_backward's."""
-    x, hs, w_ih, w_hh, nonlinearity = cache
+    x, hs, w_ih, w_hh, nonlinearity, batch_sizes = cache
     T, N, D = x.shape
     H = w_hh.shape[1]
+    ran = steps_run(batch_sizes, N)
     da = _scratch(work, "da", (T, N, H), x.dtype)
     dh = np.array(dh_T, x.dtype)
     times_w_hh = loop_product(w_hh.T, N)
     for t in reversed(range(T)):
-        dh += dout[t]
-        h = hs[t + 1]
+        n = N if batch_sizes is None else int(batch_sizes[t])
+        dh[:n] += dout[t, :n]
+        h = hs[t + 1, :n]
         if nonlinearity == "tanh":
-            np.multiply(dh, 1 - h * h, out=da[t])
+            np.multiply(dh[:n], 1 - h * h, out=da[t, :n])
         else:
-            np.multiply(dh, h > 0, out=da[t])
-        times_w_hh(da[t], dh)
-    da2 = da.reshape(T * N, H)
-    dx, dw_ih = input_side_backward(da, x, w_ih)
-    dw_hh = da2.T @ hs[:T].reshape(T * N, H)
-    db = da2.sum(axis=0)
+            np.multiply(dh[:n], h > 0, out=da[t, :n])
+        times_w_hh(da[t, :n], dh[:n])
+    da_run = _rows_that_ran(da, ran)
+    dx, dw_ih = input_side_backward(da, x, w_ih, ran)
+    dw_hh = da_run.T @ _rows_that_ran(hs[:T], ran)
+    db = da_run.sum(axis=0)
     return dx, dh, (dw_ih, dw_hh, db, db.copy())
 
 

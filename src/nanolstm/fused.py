@@ -669,12 +669,6 @@ def matmul_packed(x, panels, out):
 
 
 @njit(cache=True, error_model="numpy")
-def _row_share(N, part, parts):
-    """Rows [r0, r1) of the part-th of `parts` nearly equal shares of N rows."""
-    return N * part // parts, N * (part + 1) // parts
-
-
-@njit(cache=True, error_model="numpy")
 def _gather_rows(a_t, table, ids, t, r0, r1):
     """Rows r0 to r1 of a step's input side looked up, a_t[n] = table[ids[t, n]], when the loop
     gathers them (ids has T rows; it has none when a was given whole)."""
@@ -712,34 +706,58 @@ def _gather_args(a, gather):
     return gather if gather is not None else (np.empty((0, a.shape[2]), a.dtype), np.empty((0, 0), np.intp))
 
 
-def _shares(N):
-    """How many threads share N rows: all of numba's, but each with at least one block of 8 rows."""
-    return max(1, min(numba.get_num_threads(), -(-N // _MR)))
+def _shares(N, batch_sizes):
+    """How the threads share N rows -> (bounds, batch_sizes): thread k takes rows bounds[k] to
+    bounds[k + 1], and step t runs the first batch_sizes[t] rows (all N, when None is given).
+
+    As many threads as numba has, but each with at least one block of 8 rows. Rows of equal
+    lengths are split evenly; sequences of different lengths (longest first) so that each thread has
+    about as many row-steps to run: the first thread fewer rows, which run longer."""
+    parts = max(1, min(numba.get_num_threads(), -(-N // _MR)))
+    if batch_sizes is None:
+        return np.array([N * k // parts for k in range(parts + 1)]), np.empty(0, np.int64)
+    steps = np.asarray(batch_sizes, np.int64)
+    done = np.cumsum(np.sum(steps[:, None] > np.arange(N), axis=0))  # row-steps of rows 0 .. r
+    cuts = np.searchsorted(done, done[-1] * np.arange(1, parts) / parts) + 1
+    return np.concatenate([[0], np.minimum(cuts, N), [N]]), steps
+
+
+@njit(cache=True, error_model="numpy")
+def _running(r0, r1, batch_sizes, t):
+    """The end of a thread's rows r0 to r1 that run at step t (r0 or less: none do); batch_sizes
+    empty: all of them, at every step."""
+    return min(r1, batch_sizes[t]) if batch_sizes.shape[0] else r1
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, parts):
+def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, bounds, batch_sizes):
     T, N, G = a.shape
-    for part in prange(parts):
+    for part in prange(bounds.shape[0] - 1):
         _wide_vectors()
-        r0, r1 = _row_share(N, part, parts)
-        hw = np.empty((r1 - r0, G), a.dtype)
+        r0 = bounds[part]
+        hw = np.empty((bounds[part + 1] - r0, G), a.dtype)
         for t in range(T):
+            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
+            if r1 <= r0:  # this thread's sequences have all ended
+                break
             _gather_rows(a[t], table, ids, t, r0, r1)
-            _matmul_rows(hs[t, r0:r1], panels, hw, bias)
-            lstm_cell_forward(a[t, r0:r1], hw, cs[t, r0:r1], cs[t + 1, r0:r1], hs[t + 1, r0:r1],
+            _matmul_rows(hs[t, r0:r1], panels, hw[: r1 - r0], bias)
+            lstm_cell_forward(a[t, r0:r1], hw[: r1 - r0], cs[t, r0:r1], cs[t + 1, r0:r1], hs[t + 1, r0:r1],
                               tanh_cs[t, r0:r1])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_parts):
+def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, bounds, batch_sizes, db_parts):
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
-    for part in prange(parts):
+    for part in prange(bounds.shape[0] - 1):
         _wide_vectors()
-        r0, r1 = _row_share(N, part, parts)
+        r0 = bounds[part]
         db = db_parts[part]  # this thread's rows' sum of da, in float64
         for t in range(T - 1, -1, -1):
+            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
+            if r1 <= r0:  # this thread's sequences have not begun to run, backwards
+                continue
             _add_into(dh[r0:r1], dout[t, r0:r1])
             lstm_cell_backward(dh[r0:r1], dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1],
                                da[t, r0:r1])
@@ -750,56 +768,63 @@ def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, parts, db_part
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _gru_loop_forward(a, table, ids, bias, hs, hns, b_hn, panels, parts):
+def _gru_loop_forward(a, table, ids, bias, hs, hns, b_hn, panels, bounds, batch_sizes):
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
-    for part in prange(parts):
+    for part in prange(bounds.shape[0] - 1):
         _wide_vectors()
-        r0, r1 = _row_share(N, part, parts)
-        hw = np.empty((r1 - r0, G), a.dtype)
+        r0 = bounds[part]
+        hw = np.empty((bounds[part + 1] - r0, G), a.dtype)
         for t in range(T):
+            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
+            if r1 <= r0:
+                break
             _input_rows(a[t], table, ids, t, r0, r1, bias)
-            _matmul_rows(hs[t, r0:r1], panels, hw, no_bias)
-            gru_cell_forward(a[t, r0:r1], hw, b_hn, hs[t, r0:r1], hs[t + 1, r0:r1], hns[t, r0:r1])
+            _matmul_rows(hs[t, r0:r1], panels, hw[: r1 - r0], no_bias)
+            gru_cell_forward(a[t, r0:r1], hw[: r1 - r0], b_hn, hs[t, r0:r1], hs[t + 1, r0:r1], hns[t, r0:r1])
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, parts):
+def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, bounds, batch_sizes):
     T, N, H = dout.shape
     no_bias = np.empty(0, dh.dtype)
-    for part in prange(parts):
+    for part in prange(bounds.shape[0] - 1):
         _wide_vectors()
-        r0, r1 = _row_share(N, part, parts)
-        dh_hw = np.empty((r1 - r0, H), dh.dtype)
+        r0 = bounds[part]
+        dh_hw = np.empty((bounds[part + 1] - r0, H), dh.dtype)
         for t in range(T - 1, -1, -1):
+            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
+            if r1 <= r0:
+                continue
             _add_into(dh[r0:r1], dout[t, r0:r1])
             gru_cell_backward(dh[r0:r1], a[t, r0:r1], hns[t, r0:r1], hs[t, r0:r1], dxa[t, r0:r1],
                               dha[t, r0:r1])
-            _matmul_rows(dha[t, r0:r1], panels, dh_hw, no_bias)
-            _add_into(dh[r0:r1], dh_hw)
+            _matmul_rows(dha[t, r0:r1], panels, dh_hw[: r1 - r0], no_bias)
+            _add_into(dh[r0:r1], dh_hw[: r1 - r0])
 
 
-def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None):
+def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None, batch_sizes=None):
     """As functional.lstm_loop_forward: float32, C-contiguous arrays."""
-    _lstm_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, pack(w_hh), _shares(a.shape[1]))
+    _lstm_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, pack(w_hh),
+                       *_shares(a.shape[1], batch_sizes))
 
 
-def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh):
+def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh, batch_sizes=None):
     """As functional.lstm_loop_backward: returns the bias gradient, summed in float64."""
-    parts = _shares(a.shape[1])
-    db_parts = np.zeros((parts, a.shape[2]))
-    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, pack(w_hh.T), parts, db_parts)
+    bounds, steps = _shares(a.shape[1], batch_sizes)
+    db_parts = np.zeros((len(bounds) - 1, a.shape[2]))
+    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, pack(w_hh.T), bounds, steps, db_parts)
     return db_parts.sum(axis=0).astype(a.dtype)
 
 
-def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None):
+def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None, batch_sizes=None):
     """As functional.gru_loop_forward."""
-    _gru_loop_forward(a, *_gather_args(a, gather), bias, hs, hns, b_hn, pack(w_hh), _shares(a.shape[1]))
+    _gru_loop_forward(a, *_gather_args(a, gather), bias, hs, hns, b_hn, pack(w_hh), *_shares(a.shape[1], batch_sizes))
 
 
-def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh):
+def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh, batch_sizes=None):
     """As functional.gru_loop_backward."""
-    _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, pack(w_hh.T), _shares(a.shape[1]))
+    _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, pack(w_hh.T), *_shares(a.shape[1], batch_sizes))
 
 
 loops = {

@@ -115,12 +115,12 @@ def _check_sizes(**sizes):
 
 class _Packing(NamedTuple):
     """A batch of sequences of different lengths, run as PyTorch runs a packed sequence: the rows
-    sorted longest first, and time cut into spans over each of which the same rows are still running,
-    so that a step computes only the rows whose sequences have not ended."""
+    sorted longest first, so that at each step the sequences that have not ended are the first rows,
+    and a step computes only those."""
 
     order: np.ndarray  # the batch's rows, longest first: sorted row i is the batch's row order[i]
     lengths: np.ndarray  # their lengths, in that order
-    spans: tuple  # (t0, t1, B): steps t0 .. t1-1 run the first B sorted rows
+    batch_sizes: np.ndarray  # (T,): how many sequences run at each step, PyTorch's batch_sizes
 
     @classmethod
     def of(cls, lengths, T, N):
@@ -132,10 +132,7 @@ class _Packing(NamedTuple):
         lengths = lengths.astype(np.int64)
         order = np.argsort(-lengths, kind="stable")
         lengths = lengths[order]
-        ends = np.unique(lengths)  # where a span ends: each length, ascending
-        starts = np.concatenate([[0], ends[:-1]])
-        spans = tuple((int(t0), int(t1), int(np.sum(lengths >= t1))) for t0, t1 in zip(starts, ends))
-        return cls(order, lengths, spans)
+        return cls(order, lengths, np.sum(lengths > np.arange(T)[:, None], axis=1))
 
     def sort(self, a):
         """(T or L, N, ...) with the batch's rows -> the same with the rows longest first."""
@@ -281,6 +278,7 @@ class _Recurrent(Module):
             packing = _Packing.of(lengths, x.shape[0], N)
             x, state = packing.sort(x), tuple(packing.sort(s) for s in state)
         flip = packing.reverse if packing else (lambda a: a[::-1])  # a sequence's steps reversed
+        batch_sizes = packing.batch_sizes if packing else None  # each step runs only the rows still running
         finals = [np.empty_like(s) for s in state]
         caches, masks = [], []
         for layer in range(self.num_layers):
@@ -291,9 +289,9 @@ class _Recurrent(Module):
             outs = []
             for direction in range(K):  # the reverse direction: the same loop on the sequence reversed
                 row = layer * K + direction
-                out, last, cache = self._direction_forward(x if direction == 0 else np.ascontiguousarray(flip(x)),
-                                                           tuple(s[row] for s in state),
-                                                           self.layer_params(layer, direction), row, packing)
+                out, last, cache = self._layer_forward(x if direction == 0 else np.ascontiguousarray(flip(x)),
+                                                       tuple(s[row] for s in state), self.layer_params(layer, direction),
+                                                       self._work_forward[row], batch_sizes)
                 outs.append(out if direction == 0 else flip(out))
                 for f, s in zip(finals, last):
                     f[row] = s
@@ -344,8 +342,9 @@ class _Recurrent(Module):
             for direction in range(K):  # each direction's part of the output's gradient, in its own time order
                 row = layer * K + direction
                 part = dx if K == 1 else dx[:, :, direction * R : (direction + 1) * R]
-                dx_part, d0, dparams = self._direction_backward(part if direction == 0 else flip(part),
-                                                                tuple(s[row] for s in dstate_n), caches[row], packing)
+                dx_part, d0, dparams = self._layer_backward(part if direction == 0 else flip(part),
+                                                            tuple(s[row] for s in dstate_n), caches[row],
+                                                            self._work_backward)
                 dxs.append(dx_part if direction == 0 else flip(dx_part))
                 for d, s in zip(dstate_0, d0):
                     d[row] = s
@@ -362,41 +361,6 @@ class _Recurrent(Module):
         if self.batch_first:
             dx = dx.transpose(1, 0, 2)
         return dx, self._state_out(tuple(dstate_0))
-
-    def _direction_forward(self, x, state, params, row, packing):
-        """One layer's loop in one direction -> (out, final state, cache). Packed: the loop over
-        each span of time in turn, on the rows still running; a row that has ended keeps its state,
-        and its output past its end is zero."""
-        if packing is None:
-            return self._layer_forward(x, state, params, self._work_forward[row])
-        out = np.zeros(x.shape[:2] + (self.output_size,), self.dtype)
-        state, caches = [s.copy() for s in state], []
-        for t0, t1, B in packing.spans:
-            part, last, cache = self._layer_forward(np.ascontiguousarray(x[t0:t1, :B]), tuple(s[:B] for s in state),
-                                                    params, None)
-            out[t0:t1, :B] = part
-            for s, new in zip(state, last):
-                s[:B] = new
-            caches.append(cache)
-        return out, state, caches
-
-    def _direction_backward(self, dout, dstate, cache, packing):
-        """Backward of _direction_forward -> (dx, the initial state's gradient, the parameters'
-        gradients). Packed: the spans last to first; a row's final-state gradient enters at its own
-        last step."""
-        if packing is None:
-            return self._layer_backward(dout, dstate, cache, self._work_backward)
-        dstate, dx, total = [d.copy() for d in dstate], None, None
-        for (t0, t1, B), span_cache in zip(reversed(packing.spans), reversed(cache)):
-            part, d0, dparams = self._layer_backward(np.ascontiguousarray(dout[t0:t1, :B]),
-                                                     tuple(d[:B] for d in dstate), span_cache, None)
-            if dx is None:
-                dx = np.zeros(dout.shape[:2] + part.shape[2:], self.dtype)
-            dx[t0:t1, :B] = part
-            for d, new in zip(dstate, d0):
-                d[:B] = new
-            total = dparams if total is None else tuple(a + b for a, b in zip(total, dparams))
-        return dx, dstate, total
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
@@ -430,9 +394,9 @@ class LSTM(_Recurrent):
     def _state_out(self, parts):
         return parts
 
-    def _layer_forward(self, x, state, params, work):
+    def _layer_forward(self, x, state, params, work, batch_sizes):
         forward = F.lstmp_forward if self.proj_size else F.lstm_forward
-        out, h, c, cache = forward(x, *state, *params, work=work)
+        out, h, c, cache = forward(x, *state, *params, work=work, batch_sizes=batch_sizes)
         return out, (h, c), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
@@ -449,8 +413,8 @@ class GRU(_Recurrent):
 
     gates = 3
 
-    def _layer_forward(self, x, state, params, work):
-        out, h, cache = F.gru_forward(x, state[0], *params, work=work)
+    def _layer_forward(self, x, state, params, work, batch_sizes):
+        out, h, cache = F.gru_forward(x, state[0], *params, work=work, batch_sizes=batch_sizes)
         return out, (h,), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
@@ -470,8 +434,8 @@ class RNN(_Recurrent):
         self.nonlinearity = nonlinearity
         super().__init__(input_size, hidden_size, num_layers, dropout, batch_first, dtype, rng, bidirectional, bias)
 
-    def _layer_forward(self, x, state, params, work):
-        out, h, cache = F.rnn_forward(x, state[0], *params, self.nonlinearity, work=work)
+    def _layer_forward(self, x, state, params, work, batch_sizes):
+        out, h, cache = F.rnn_forward(x, state[0], *params, self.nonlinearity, work=work, batch_sizes=batch_sizes)
         return out, (h,), cache
 
     def _layer_backward(self, dout, dstate, cache, work):
