@@ -856,6 +856,26 @@ def test_pack_stack_stacks_the_panels_of_each_weight():
     assert fused.pack_stack([]).shape[0] == 0
 
 
+def each_kernel(packed_loops):
+    """"packed", "blas" and "numpy" in turn, the time loops and cells switched to each before it is
+    yielded: the compiled cells and loops with packed products, with the BLAS's, the NumPy cells."""
+    for kernels in ("packed", "blas", "numpy"):
+        if kernels == "blas":
+            packed_loops(False)
+        elif kernels == "numpy":
+            assert not nl.use_numba(False)
+        yield kernels
+
+
+def assert_runs_agree(runs, reference):
+    """Every float32 result of every run within 1e-6 of the reference run's."""
+    for run, result in runs.items():
+        for name in reference:
+            both = (result[name], reference[name])
+            for a, b in zip(*both) if isinstance(reference[name], tuple) else [both]:
+                assert a.dtype == np.float32 and rel_error(a, b) < 1e-6, (run, name)
+
+
 @pytest.mark.parametrize("N", [1, 11, 33])
 def test_an_lstm_with_projections_is_the_same_on_every_kernel_and_given_a_lookup(N, packed_loops):
     """proj_size runs functional.py's projected loops round whichever cells and loop products are in
@@ -870,22 +890,14 @@ def test_an_lstm_with_projections_is_the_same_on_every_kernel_and_given_a_lookup
     state = (rng.standard_normal((L, N, P)).astype(np.float32), rng.standard_normal((L, N, H)).astype(np.float32))
     dout = rng.standard_normal((T, N, P)).astype(np.float32)
     runs = {}
-    for kernels in ("packed", "blas", "numpy"):
-        if kernels == "blas":
-            packed_loops(False)
-        elif kernels == "numpy":
-            assert not nl.use_numba(False)
+    for kernels in each_kernel(packed_loops):
         assert (F._cells == fused.cells) == (kernels != "numpy")
         given = forward_backward(layer, weight[ids], state, dout, state)
         given["dx"] = F.embedding_backward(given["dx"].reshape(T * N, D), (ids.reshape(-1), weight.shape))
         runs[kernels, "input"] = given
         runs[kernels, "lookup"] = forward_backward(layer, F.Lookup(weight, ids), state, dout, state)
     reference = runs["numpy", "input"]
-    for run, result in runs.items():
-        for name in reference:
-            both = (result[name], reference[name])
-            for a, b in zip(*both) if isinstance(reference[name], tuple) else [both]:
-                assert a.dtype == np.float32 and rel_error(a, b) < 1e-6, (run, name)
+    assert_runs_agree(runs, reference)
 
 
 @pytest.mark.parametrize("kind,proj", [("LSTM", 0), ("LSTM", 4), ("GRU", 0), ("RNN", 0)])
@@ -910,11 +922,7 @@ def test_sequences_of_different_lengths_are_the_same_on_every_kernel(kind, proj,
     x = rng.standard_normal((T, N, D)).astype(np.float32)
     dout = rng.standard_normal((T, N, 2 * R)).astype(np.float32)
     runs = {}
-    for kernels in ("packed", "blas", "numpy"):
-        if kernels == "blas":
-            packed_loops(False)
-        elif kernels == "numpy":
-            assert not nl.use_numba(False)
+    for kernels in each_kernel(packed_loops):
         if threads is not None:
             saved_threads = numba.get_num_threads()
             numba.set_num_threads(threads)
@@ -930,11 +938,7 @@ def test_sequences_of_different_lengths_are_the_same_on_every_kernel(kind, proj,
         past_end = np.arange(T)[:, None] >= lengths
         assert not out[past_end].any() and not dx[past_end].any()
     reference = runs["numpy"]
-    for run, result in runs.items():
-        for name in reference:
-            both = (result[name], reference[name])
-            for a, b in zip(*both) if isinstance(reference[name], tuple) else [both]:
-                assert a.dtype == np.float32 and rel_error(a, b) < 1e-6, (run, name)
+    assert_runs_agree(runs, reference)
 
 
 def test_threads_share_sequences_of_different_lengths_by_their_steps():
