@@ -189,6 +189,19 @@ def test_lengths_that_do_not_fit_are_refused():
     assert out.shape == (5, 2, 4)
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_an_empty_batch_given_lengths_runs_as_without_them(kind):
+    """N = 0 with lengths=[]: empty outputs, states and gradients of the usual shapes, as the same
+    batch gives without lengths; no thread is given rows to share."""
+    layer = getattr(nl, kind)(3, 4, num_layers=2, bidirectional=True)
+    for lengths in (np.zeros(0, int), None):
+        out, state = layer.forward(np.zeros((5, 0, 3)), lengths=lengths)
+        dx, dstate = layer.backward(np.zeros((5, 0, 8)))
+        assert out.shape == (5, 0, 8) and dx.shape == (5, 0, 3)
+        for s in (state if kind == "LSTM" else (state,)) + (dstate if kind == "LSTM" else (dstate,)):
+            assert s.shape == (4, 0, 4)
+
+
 def test_proj_size_is_checked_as_pytorch_checks_it():
     for bad in (-1, 4, 5, 1.5, True):
         with pytest.raises(ValueError, match="proj_size must be"):

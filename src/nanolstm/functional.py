@@ -114,7 +114,7 @@ def input_side_forward(x, w_ih, bias, out=None, ran=None):
             a += bias
         out[ran] = a
         return out
-    product(x.reshape(T * N, -1), w_ih, out.reshape(T * N, -1))
+    product(x.reshape(T * N, x.shape[2]), w_ih, out.reshape(T * N, w_ih.shape[0]))
     if bias is not None:
         out += bias
     return out

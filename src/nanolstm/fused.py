@@ -714,7 +714,7 @@ def _shares(N, batch_sizes):
     lengths are split evenly; sequences of different lengths (longest first) so that each thread has
     about as many row-steps to run: the first thread fewer rows, which run longer."""
     parts = max(1, min(numba.get_num_threads(), -(-N // _MR)))
-    if batch_sizes is None:
+    if batch_sizes is None or N == 0:
         return np.array([N * k // parts for k in range(parts + 1)]), np.empty(0, np.int64)
     steps = np.asarray(batch_sizes, np.int64)
     done = np.cumsum(np.sum(steps[:, None] > np.arange(N), axis=0))  # row-steps of rows 0 .. r
