@@ -92,3 +92,25 @@ def test_the_classifier_example_learns_with_lengths_and_not_without(capsys):
     assert script["main"](["--steps", "200", "--no-lengths"]) == 1
     without = float(capsys.readouterr().out.splitlines()[-1].split()[-1].rstrip("%"))
     assert with_lengths >= 90 > without
+
+
+def test_the_ceiling_benchmark_gives_every_figure_as_a_share_of_the_cores_rate(capsys):
+    """bench/ceiling.py --quick: the cores' multiply-add rate, the BLAS's product and the packed
+    kernel, then ours and PyTorch's training steps as shares of that rate; an unknown configuration
+    is refused before any process."""
+    pytest.importorskip("numba")
+    pytest.importorskip("torch")
+    script = runpy.run_path(str(ROOT / "bench" / "ceiling.py"))
+    with pytest.raises(SystemExit) as refused:
+        script["main"](["--configs", "b", "--quick"])  # --quick has configuration a alone
+    assert refused.value.code == 2 and "unknown configuration 'b'" in capsys.readouterr().err
+    script["main"](["--quick", "--configs", "a", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    ceiling = re.match(r"round 1: cores' multiply-add ceiling (\d+) GFLOP/s \((\d+) threads; one core (\d+)\)", lines[0])
+    assert ceiling and int(ceiling[1]) > 0 and int(ceiling[3]) > 0, lines
+    assert "packed kernel on one core" in lines[0] and "BLAS 512^2 product" in lines[0], lines  # --quick's
+    steps = [re.fullmatch(r"  lstm a (ours|torch) +([\d,]+) tok/s +([\d.]+) GFLOP/s +(\d+)% of the ceiling", line)
+             for line in lines[1:3]]
+    assert [m[1] for m in steps if m] == ["ours", "torch"], lines
+    assert all(float(m[2].replace(",", "")) > 0 for m in steps)
+    assert lines[3].startswith("best of 1: ceiling ") and "lstm a ours" in lines[3] and "lstm a torch" in lines[3]
