@@ -8,9 +8,9 @@ PyTorch's the same batch through pack_padded_sequence and pad_packed_sequence); 
 bidirectional; and with proj_size=P and lengths. The lengths are drawn once, uniformly from 1 to T,
 the same on both sides; `row-steps` says what share of the T x N steps they leave to compute.
 
-The projected layer runs functional.py's loops step by step in Python round the compiled cells
-(nanolstm.functional.lstmp_forward), where the plain one runs fused.loops compiled whole, given
-lengths or not; PyTorch's projected LSTM leaves oneDNN for its default implementation. Each side runs
+Ours runs fused.loops compiled whole in every variant (the projected LSTM's own loops,
+fused.loops["lstmp"], with projections); PyTorch's projected LSTM leaves oneDNN for its default
+implementation. Each side runs
 in processes of its own, as `nanolstm bench` runs them (PyTorch's with NANOLSTM_PROCESS_SETTINGS=0:
 nanolstm's thread settings would make its OpenMP threads sleep between its many small operations),
 the two sides in turns, `--rounds` processes each. A process times each variant after two calls to

@@ -878,10 +878,11 @@ def assert_runs_agree(runs, reference):
 
 @pytest.mark.parametrize("N", [1, 11, 33])
 def test_an_lstm_with_projections_is_the_same_on_every_kernel_and_given_a_lookup(N, packed_loops):
-    """proj_size runs functional.py's projected loops round whichever cells and loop products are in
-    use. The compiled cells with packed products, with the BLAS's, and the NumPy cells agree to 1e-6
-    in float32, forward and backward, given the input itself or a first layer's Lookup of it (its
-    gradient is then the embedding's)."""
+    """proj_size: the projected loops compiled whole (fused.loops["lstmp"], the rows shared between
+    the threads: 1 row on one, 11 as 5 + 6, 33 as 16 + 17), functional.py's loops with the BLAS's
+    products round the compiled cells, and with the NumPy cells agree to 1e-6 in float32, forward
+    and backward, given the input itself or a first layer's Lookup of it (its gradient is then the
+    embedding's)."""
     rng = np.random.default_rng(N)
     T, V, D, H, P, L = 5, 13, 6, 37, 11, 2
     layer = nl.LSTM(D, H, num_layers=L, proj_size=P, dtype=np.float32, rng=rng)
@@ -892,6 +893,8 @@ def test_an_lstm_with_projections_is_the_same_on_every_kernel_and_given_a_lookup
     runs = {}
     for kernels in each_kernel(packed_loops):
         assert (F._cells == fused.cells) == (kernels != "numpy")
+        loops = fused.loops if kernels == "packed" else F._reference_loops
+        assert F._loop("lstmp", np.float32) == loops["lstmp"]
         given = forward_backward(layer, weight[ids], state, dout, state)
         given["dx"] = F.embedding_backward(given["dx"].reshape(T * N, D), (ids.reshape(-1), weight.shape))
         runs[kernels, "input"] = given

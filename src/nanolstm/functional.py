@@ -511,7 +511,7 @@ def lstm_backward(dout, dh_T, dc_T, cache, work=None):
 # and what the next step's W_hh (4H, P) multiplies:
 #   h_t = m_t W_hr^T        W_hr (P, H)
 # Backward: dm_t = dh_t W_hr, the LSTM cell's backward from dm_t, and dW_hr = sum_t dh_t^T m_t, one
-# product after the loop. These loops run step by step in Python round the cells, compiled or not.
+# product after the loop. With numba, fused.py runs these loops compiled whole, as the LSTM's.
 
 
 def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None, batch_sizes=None):
@@ -563,7 +563,7 @@ def lstmp_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, work=None, batch_size
     tanh_cs = np.empty((T, N, H), x.dtype)
     ms = np.empty((T, N, H), x.dtype)
     hs[0], cs[0] = h0, c0
-    lstmp_loop_forward(a, b_ih + b_hh, hs, cs, tanh_cs, ms, w_hh, w_hr, gather, batch_sizes)
+    _loop("lstmp", x.dtype)[0](a, b_ih + b_hh, hs, cs, tanh_cs, ms, w_hh, w_hr, gather, batch_sizes)
     cache = (x, hs, cs, tanh_cs, ms, a, w_ih, w_hh, w_hr, batch_sizes)
     return _finish_outputs(hs[1:], ran), _ends(hs, ran), _ends(cs, ran), cache
 
@@ -579,8 +579,8 @@ def lstmp_backward(dout, dh_T, dc_T, cache, work=None):
     dhs = np.empty((T, N, P), x.dtype)
     dh = np.array(dh_T, x.dtype)  # copies: the loop updates both in place
     dc = np.array(dc_T, x.dtype)
-    db = lstmp_loop_backward(np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr,
-                             batch_sizes)
+    db = _loop("lstmp", x.dtype)[1](np.ascontiguousarray(dout, x.dtype), dh, dc, a, cs, tanh_cs, da, dhs, w_hh,
+                                    w_hr, batch_sizes)
     dx, dw_ih = input_side_backward(da, x, w_ih, ran)
     dw_hh = _rows_that_ran(da, ran).T @ _rows_that_ran(hs[:T], ran)
     dw_hr = _rows_that_ran(dhs, ran).T @ _rows_that_ran(ms, ran)
@@ -806,6 +806,7 @@ _reference_cells = {
 _cells = dict(_reference_cells)
 _reference_loops = {
     "lstm": (lstm_loop_forward, lstm_loop_backward),
+    "lstmp": (lstmp_loop_forward, lstmp_loop_backward),
     "gru": (gru_loop_forward, gru_loop_backward),
 }
 # other compiled kernels in use: fused.add_rows, .loss, .adam_update, .pack, .matmul_packed, .loops,

@@ -768,6 +768,50 @@ def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, bounds, batch_
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
+def _lstmp_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, ms, panels, panels_hr, bounds, batch_sizes):
+    T, N, G = a.shape
+    no_bias = np.empty(0, a.dtype)
+    for part in prange(bounds.shape[0] - 1):
+        _wide_vectors()
+        r0 = bounds[part]
+        hw = np.empty((bounds[part + 1] - r0, G), a.dtype)
+        for t in range(T):
+            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
+            if r1 <= r0:  # this thread's sequences have all ended
+                break
+            _gather_rows(a[t], table, ids, t, r0, r1)
+            _matmul_rows(hs[t, r0:r1], panels, hw[: r1 - r0], bias)
+            lstm_cell_forward(a[t, r0:r1], hw[: r1 - r0], cs[t, r0:r1], cs[t + 1, r0:r1], ms[t, r0:r1],
+                              tanh_cs[t, r0:r1])
+            _matmul_rows(ms[t, r0:r1], panels_hr, hs[t + 1, r0:r1], no_bias)  # h_t = m_t W_hr^T
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
+def _lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, bounds, batch_sizes,
+                         db_parts):
+    T, N, G = a.shape
+    no_bias = np.empty(0, a.dtype)
+    for part in prange(bounds.shape[0] - 1):
+        _wide_vectors()
+        r0 = bounds[part]
+        dm = np.empty((bounds[part + 1] - r0, cs.shape[2]), a.dtype)
+        db = db_parts[part]
+        for t in range(T - 1, -1, -1):
+            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
+            if r1 <= r0:
+                continue
+            _add_into(dh[r0:r1], dout[t, r0:r1])
+            dhs[t, r0:r1] = dh[r0:r1]  # the whole dh_t, for dW_hr
+            _matmul_rows(dh[r0:r1], panels_hr, dm[: r1 - r0], no_bias)  # dm_t = dh_t W_hr
+            lstm_cell_backward(dm[: r1 - r0], dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1],
+                               da[t, r0:r1])
+            for i in range(r0, r1):
+                for j in range(G):
+                    db[j] += da[t, i, j]
+            _matmul_rows(da[t, r0:r1], panels, dh[r0:r1], no_bias)
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def _gru_loop_forward(a, table, ids, bias, hs, hns, b_hn, panels, bounds, batch_sizes):
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
@@ -817,6 +861,21 @@ def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh, batch_sizes=None)
     return db_parts.sum(axis=0).astype(a.dtype)
 
 
+def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None, batch_sizes=None):
+    """As functional.lstmp_loop_forward."""
+    _lstmp_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, ms, pack(w_hh), pack(w_hr),
+                        *_shares(a.shape[1], batch_sizes))
+
+
+def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr, batch_sizes=None):
+    """As functional.lstmp_loop_backward: returns the bias gradient, summed in float64."""
+    bounds, steps = _shares(a.shape[1], batch_sizes)
+    db_parts = np.zeros((len(bounds) - 1, a.shape[2]))
+    _lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, pack(w_hh.T), pack(w_hr.T), bounds, steps,
+                         db_parts)
+    return db_parts.sum(axis=0).astype(a.dtype)
+
+
 def gru_loop_forward(a, bias, hs, hns, b_hn, w_hh, gather=None, batch_sizes=None):
     """As functional.gru_loop_forward."""
     _gru_loop_forward(a, *_gather_args(a, gather), bias, hs, hns, b_hn, pack(w_hh), *_shares(a.shape[1], batch_sizes))
@@ -829,6 +888,7 @@ def gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, w_hh, batch_sizes=None):
 
 loops = {
     "lstm": (lstm_loop_forward, lstm_loop_backward),
+    "lstmp": (lstmp_loop_forward, lstmp_loop_backward),
     "gru": (gru_loop_forward, gru_loop_backward),
 }
 
