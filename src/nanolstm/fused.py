@@ -730,45 +730,9 @@ def _running(r0, r1, batch_sizes, t):
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, panels, bounds, batch_sizes):
-    T, N, G = a.shape
-    for part in prange(bounds.shape[0] - 1):
-        _wide_vectors()
-        r0 = bounds[part]
-        hw = np.empty((bounds[part + 1] - r0, G), a.dtype)
-        for t in range(T):
-            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
-            if r1 <= r0:  # this thread's sequences have all ended
-                break
-            _gather_rows(a[t], table, ids, t, r0, r1)
-            _matmul_rows(hs[t, r0:r1], panels, hw[: r1 - r0], bias)
-            lstm_cell_forward(a[t, r0:r1], hw[: r1 - r0], cs[t, r0:r1], cs[t + 1, r0:r1], hs[t + 1, r0:r1],
-                              tanh_cs[t, r0:r1])
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, panels, bounds, batch_sizes, db_parts):
-    T, N, G = a.shape
-    no_bias = np.empty(0, a.dtype)
-    for part in prange(bounds.shape[0] - 1):
-        _wide_vectors()
-        r0 = bounds[part]
-        db = db_parts[part]  # this thread's rows' sum of da, in float64
-        for t in range(T - 1, -1, -1):
-            r1 = _running(r0, bounds[part + 1], batch_sizes, t)
-            if r1 <= r0:  # this thread's sequences have not begun to run, backwards
-                continue
-            _add_into(dh[r0:r1], dout[t, r0:r1])
-            lstm_cell_backward(dh[r0:r1], dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1],
-                               da[t, r0:r1])
-            for i in range(r0, r1):
-                for j in range(G):
-                    db[j] += da[t, i, j]
-            _matmul_rows(da[t, r0:r1], panels, dh[r0:r1], no_bias)
-
-
-@njit(cache=True, parallel=True, error_model="numpy")
-def _lstmp_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, ms, panels, panels_hr, bounds, batch_sizes):
+def _lstm_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, ms, panels, panels_hr, bounds, batch_sizes):
+    """With projections (panels_hr, W_hr packed, has panels) the cell's output m_t goes to ms[t] and
+    h_t = m_t W_hr^T; without, ms is hs[1:], so that the cell writes h_t where it belongs."""
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
     for part in prange(bounds.shape[0] - 1):
@@ -783,28 +747,34 @@ def _lstmp_loop_forward(a, table, ids, bias, hs, cs, tanh_cs, ms, panels, panels
             _matmul_rows(hs[t, r0:r1], panels, hw[: r1 - r0], bias)
             lstm_cell_forward(a[t, r0:r1], hw[: r1 - r0], cs[t, r0:r1], cs[t + 1, r0:r1], ms[t, r0:r1],
                               tanh_cs[t, r0:r1])
-            _matmul_rows(ms[t, r0:r1], panels_hr, hs[t + 1, r0:r1], no_bias)  # h_t = m_t W_hr^T
+            if panels_hr.shape[0]:
+                _matmul_rows(ms[t, r0:r1], panels_hr, hs[t + 1, r0:r1], no_bias)  # h_t = m_t W_hr^T
 
 
 @njit(cache=True, parallel=True, error_model="numpy")
-def _lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, bounds, batch_sizes,
-                         db_parts):
+def _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, bounds, batch_sizes,
+                        db_parts):
+    """With projections (panels_hr, W_hr^T packed, has panels) each step's whole dh_t goes to dhs[t],
+    for dW_hr, and the cell's gradient is dm_t = dh_t W_hr; without, the cell's is dh_t itself."""
     T, N, G = a.shape
     no_bias = np.empty(0, a.dtype)
+    projected = panels_hr.shape[0] > 0
     for part in prange(bounds.shape[0] - 1):
         _wide_vectors()
         r0 = bounds[part]
-        dm = np.empty((bounds[part + 1] - r0, cs.shape[2]), a.dtype)
-        db = db_parts[part]
+        dm = np.empty((bounds[part + 1] - r0 if projected else 0, cs.shape[2]), a.dtype)
+        db = db_parts[part]  # this thread's rows' sum of da, in float64
         for t in range(T - 1, -1, -1):
             r1 = _running(r0, bounds[part + 1], batch_sizes, t)
-            if r1 <= r0:
+            if r1 <= r0:  # this thread's sequences have not begun to run, backwards
                 continue
             _add_into(dh[r0:r1], dout[t, r0:r1])
-            dhs[t, r0:r1] = dh[r0:r1]  # the whole dh_t, for dW_hr
-            _matmul_rows(dh[r0:r1], panels_hr, dm[: r1 - r0], no_bias)  # dm_t = dh_t W_hr
-            lstm_cell_backward(dm[: r1 - r0], dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1],
-                               da[t, r0:r1])
+            dm_t = dh[r0:r1]
+            if projected:
+                dhs[t, r0:r1] = dh[r0:r1]
+                dm_t = dm[: r1 - r0]
+                _matmul_rows(dh[r0:r1], panels_hr, dm_t, no_bias)  # dm_t = dh_t W_hr
+            lstm_cell_backward(dm_t, dc[r0:r1], a[t, r0:r1], cs[t, r0:r1], tanh_cs[t, r0:r1], da[t, r0:r1])
             for i in range(r0, r1):
                 for j in range(G):
                     db[j] += da[t, i, j]
@@ -847,32 +817,38 @@ def _gru_loop_backward(dout, dh, a, hns, hs, dxa, dha, panels, bounds, batch_siz
             _add_into(dh[r0:r1], dh_hw[: r1 - r0])
 
 
+def _no_panels(w):
+    """Packed weights with no panels: a loop without projections."""
+    return np.empty((0, w.shape[1], _NR), w.dtype)
+
+
 def lstm_loop_forward(a, bias, hs, cs, tanh_cs, w_hh, gather=None, batch_sizes=None):
     """As functional.lstm_loop_forward: float32, C-contiguous arrays."""
-    _lstm_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, pack(w_hh),
+    _lstm_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, hs[1:], pack(w_hh), _no_panels(w_hh),
                        *_shares(a.shape[1], batch_sizes))
 
 
 def lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, w_hh, batch_sizes=None):
     """As functional.lstm_loop_backward: returns the bias gradient, summed in float64."""
-    bounds, steps = _shares(a.shape[1], batch_sizes)
-    db_parts = np.zeros((len(bounds) - 1, a.shape[2]))
-    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, pack(w_hh.T), bounds, steps, db_parts)
-    return db_parts.sum(axis=0).astype(a.dtype)
+    return _lstm_backward_packed(dout, dh, dc, a, cs, tanh_cs, da, np.empty((0,) + dh.shape, dh.dtype),
+                                 pack(w_hh.T), _no_panels(w_hh.T), batch_sizes)
 
 
 def lstmp_loop_forward(a, bias, hs, cs, tanh_cs, ms, w_hh, w_hr, gather=None, batch_sizes=None):
     """As functional.lstmp_loop_forward."""
-    _lstmp_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, ms, pack(w_hh), pack(w_hr),
-                        *_shares(a.shape[1], batch_sizes))
+    _lstm_loop_forward(a, *_gather_args(a, gather), bias, hs, cs, tanh_cs, ms, pack(w_hh), pack(w_hr),
+                       *_shares(a.shape[1], batch_sizes))
 
 
 def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr, batch_sizes=None):
     """As functional.lstmp_loop_backward: returns the bias gradient, summed in float64."""
+    return _lstm_backward_packed(dout, dh, dc, a, cs, tanh_cs, da, dhs, pack(w_hh.T), pack(w_hr.T), batch_sizes)
+
+
+def _lstm_backward_packed(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, batch_sizes):
     bounds, steps = _shares(a.shape[1], batch_sizes)
     db_parts = np.zeros((len(bounds) - 1, a.shape[2]))
-    _lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, pack(w_hh.T), pack(w_hr.T), bounds, steps,
-                         db_parts)
+    _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, bounds, steps, db_parts)
     return db_parts.sum(axis=0).astype(a.dtype)
 
 
