@@ -846,6 +846,8 @@ def lstmp_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, w_hh, w_hr, batch
 
 
 def _lstm_backward_packed(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, batch_sizes):
+    """The compiled backward loop on packed weights, the rows shared between the threads; returns the
+    bias gradient, each thread's share summed in float64."""
     bounds, steps = _shares(a.shape[1], batch_sizes)
     db_parts = np.zeros((len(bounds) - 1, a.shape[2]))
     _lstm_loop_backward(dout, dh, dc, a, cs, tanh_cs, da, dhs, panels, panels_hr, bounds, steps, db_parts)
